@@ -1,0 +1,69 @@
+"""Optimizers as a few vector operations over the flat buffers.
+
+Each optimizer updates ``flat.data`` in place from ``flat.grad`` (already the
+gradient of the global-batch mean loss) through the backend's fused update
+ops; its state (velocity, moments) is one flat array of the same layout.
+
+    SGD        p ← p − lr·(g + wd·p)
+    momentum   v ← μ·v + (g + wd·p);  p ← p − lr·v      (Nesterov: p ← p − lr·(g + wd·p + μ·v))
+    AdamW      m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²;
+               p ← p(1 − lr·wd) − lr · m̂/(√v̂ + ε),  m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ)
+"""
+
+from __future__ import annotations
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class SGD:
+    """Plain SGD (momentum 0) or SGD with (optionally Nesterov) momentum."""
+
+    def __init__(self, flat, ops, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        if nesterov and momentum <= 0:
+            raise ValueError("--nesterov needs --momentum > 0")
+        self.flat, self.ops = flat, ops
+        self.lr, self.momentum, self.nesterov = float(lr), float(momentum), nesterov
+        self.weight_decay = float(weight_decay)
+        self.t = 0
+        self.velocity = ops.xp.zeros_like(flat.data) if momentum else None
+
+    def step(self, lr=None):
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        if self.velocity is None:
+            self.ops.sgd_step(self.flat.data, self.flat.grad, lr, self.weight_decay)
+        else:
+            self.ops.momentum_step(self.flat.data, self.flat.grad, self.velocity, lr,
+                                   self.momentum, self.nesterov, self.weight_decay)
+
+    def state(self):
+        return {} if self.velocity is None else {"velocity": self.velocity}
+
+
+class Adam:
+    """Adam with decoupled weight decay (AdamW, Loshchilov & Hutter)."""
+
+    def __init__(self, flat, ops, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.flat, self.ops = flat, ops
+        self.lr, self.betas, self.eps = float(lr), tuple(map(float, betas)), float(eps)
+        self.weight_decay = float(weight_decay)
+        self.t = 0
+        self.m = ops.xp.zeros_like(flat.data)
+        self.v = ops.xp.zeros_like(flat.data)
+
+    def step(self, lr=None):
+        lr = self.lr if lr is None else float(lr)
+        self.t += 1
+        self.ops.adam_step(self.flat.data, self.flat.grad, self.m, self.v, lr,
+                           self.betas[0], self.betas[1], self.eps, self.weight_decay, self.t)
+
+    def state(self):
+        return {"m": self.m, "v": self.v}
+
+
+def make_optimizer(name, flat, ops, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    if name == "sgd":
+        return SGD(flat, ops, lr, momentum, nesterov, weight_decay)
+    if name == "adam":
+        return Adam(flat, ops, lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

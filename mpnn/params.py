@@ -1,0 +1,106 @@
+"""One flat parameter buffer, one flat gradient buffer, named views per layer.
+
+All parameters of a model (or of one pipeline stage) live in one contiguous
+1-D array and all gradients in another of the same layout. Layers hold views
+into them. Then the data-parallel gradient sum is one ``Allreduce`` (or a few
+contiguous buckets), an optimizer step is a few vector operations, and a
+checkpoint is one array plus this layout.
+
+Linear layer ``i`` owns ``layers.{i}.weight`` of shape ``(I, O)`` followed by
+``layers.{i}.bias`` of shape ``(O,)``; layers are laid out in order, so the
+gradients of the *last* layers sit at the *end* of the buffer (the
+overlapped Allreduce walks buckets from the end while backward runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one named tensor lives inside the flat buffer."""
+
+    name: str
+    shape: tuple
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+
+class Layout:
+    """The ordered list of named tensors of a contiguous range of linear layers."""
+
+    def __init__(self, sizes, layers=None):
+        """sizes: feature sizes ``[in, h1, ..., out]``; layers: the ``range`` of
+        linear layers this buffer holds (default: all ``len(sizes) - 1``)."""
+        layers = range(len(sizes) - 1) if layers is None else layers
+        self.sizes = tuple(int(s) for s in sizes)
+        self.layers = range(layers.start, layers.stop)
+        slots, offset = [], 0
+        for i in self.layers:
+            for name, shape in ((f"layers.{i}.weight", (sizes[i], sizes[i + 1])),
+                                (f"layers.{i}.bias", (sizes[i + 1],))):
+                slot = Slot(name, shape, offset)
+                slots.append(slot)
+                offset = slot.stop
+        self.slots = {s.name: s for s in slots}
+        self.numel = offset
+
+    def layer_span(self, i):
+        """(start, stop) of layer i's weight and bias inside the flat buffer."""
+        return self.slots[f"layers.{i}.weight"].offset, self.slots[f"layers.{i}.bias"].stop
+
+    def views(self, flat):
+        """Named views of ``flat`` (no copies)."""
+        return {name: flat[s.offset:s.stop].reshape(s.shape) for name, s in self.slots.items()}
+
+
+class FlatParams:
+    """The parameter buffer ``data`` and the gradient buffer ``grad`` of one layout."""
+
+    def __init__(self, layout: Layout, dtype=np.float32, xp=np):
+        self.layout = layout
+        self.dtype = np.dtype(dtype)
+        self.data = xp.zeros(layout.numel, dtype=self.dtype)
+        self.grad = xp.zeros(layout.numel, dtype=self.dtype)
+        self.params = layout.views(self.data)
+        self.grads = layout.views(self.grad)
+
+    def zero_grad(self):
+        self.grad.fill(0)
+
+    def state_dict(self):
+        """Host copies of every named tensor (for ``--save``)."""
+        return {name: _to_host(v).copy() for name, v in self.params.items()}
+
+    def load_state_dict(self, arrays, source="weights"):
+        """Copy named arrays in, checking that every name and shape matches."""
+        missing = [n for n in self.params if n not in arrays]
+        if missing:
+            raise ValueError(f"{source}: missing {', '.join(missing)} "
+                             f"(expected tensors {', '.join(self.params)})")
+        for name, view in self.params.items():
+            a = np.asarray(arrays[name])
+            if a.shape != view.shape:
+                raise ValueError(f"{source}: {name} has shape {a.shape}, but the model "
+                                 f"needs {view.shape} (sizes {'-'.join(map(str, self.layout.sizes))})")
+            view[...] = a.astype(self.dtype) if isinstance(view, np.ndarray) else _to_device(view, a)
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+def _to_device(view, a):
+    import cupy  # only reached with device arrays
+
+    return cupy.asarray(a, dtype=view.dtype)
