@@ -1,0 +1,1 @@
+"""MPI parallelism: the process grid, gradient Allreduce, pipeline schedules and their executor."""
