@@ -1,0 +1,124 @@
+"""Pipeline schedules checked by the dry-run simulator (no MPI)."""
+
+import pytest
+
+from mpnn.parallel.schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, ScheduleError,
+                                     SendAct, SendGrad, Step, analytic_bubble, format_actions,
+                                     gpipe, make_schedule, naive, one_f_one_b, parse_actions,
+                                     simulate)
+
+GRID = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("p,m", GRID)
+def test_every_schedule_runs_to_completion(name, p, m):
+    sched = make_schedule(name, p, m)
+    assert len(sched) == p
+    res = simulate(sched)
+    assert res.ok, res.render()
+    assert res.busy == [2 * m] * p  # one forward and one backward per micro-batch per stage
+    for acts in sched:
+        assert acts[-1] == Step()
+        assert sorted(a.mb for a in acts if isinstance(a, Forward)) == list(range(m))
+        assert sorted(a.mb for a in acts if isinstance(a, Backward)) == list(range(m))
+
+
+@pytest.mark.parametrize("p,m", GRID)
+def test_bubble_matches_formula(p, m):
+    for fn in (gpipe, one_f_one_b):
+        res = simulate(fn(p, m))
+        assert res.slots == 2 * (m + p - 1)
+        assert res.bubble == pytest.approx(analytic_bubble(p, m), abs=1e-12)
+
+
+@pytest.mark.parametrize("p,m", GRID)
+def test_naive_has_no_overlap(p, m):
+    res = simulate(naive(p, m))
+    assert res.slots == 2 * p * m
+    assert res.bubble == pytest.approx(1 - 1 / p)
+    assert res.peak_live == [1] * p
+
+
+@pytest.mark.parametrize("p,m", GRID)
+def test_peak_live_micro_batches(p, m):
+    assert simulate(gpipe(p, m)).peak_live == [m] * p
+    assert simulate(one_f_one_b(p, m)).peak_live == [min(p - i, m) for i in range(p)]
+
+
+def test_printed_form_round_trips():
+    acts = one_f_one_b(3, 4)[1]
+    text = format_actions(acts)
+    assert text.startswith("RA0 F0 SA0 RA1 F1 SA1 RG0 B0 SG0")
+    assert parse_actions(text) == acts
+    assert str(Step()) == "STEP"
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_actions("X3")
+
+
+def test_grid_rendering():
+    out = simulate(gpipe(2, 2)).render().splitlines()
+    assert out[1].split()[2:] == ["F0", "F1", ".", ".", "B0", "B1"]
+    assert out[2].split()[2:] == [".", "F0", "F1", "B0", "B1", "."]
+
+
+def test_swapped_recv_is_a_deadlock_at_the_right_step():
+    # Stage 0 waits for the gradient of micro-batch 0 before sending its activations:
+    # stage 1 can never run F0, so both stall in slot 1 (after stage 0's F0 in slot 0).
+    sched = gpipe(2, 2)
+    acts = sched[0]
+    acts.insert(acts.index(SendAct(0)), acts.pop(acts.index(RecvGrad(0))))
+    res = simulate(sched)
+    assert not res.ok
+    assert res.stall_slot == 1
+    assert res.deadlock.stage == 0 and res.deadlock.action == RecvGrad(0)
+    assert res.deadlock.index == 1
+    assert [(st.stage, st.action) for st in res.stalls] == [(0, RecvGrad(0)), (1, RecvAct(0))]
+    text = res.render()
+    assert "!RG0" in text and "!RA0" in text and "DEADLOCK at slot 1" in text
+    with pytest.raises(ScheduleError, match="deadlock at slot 1"):
+        simulate(sched, raise_on_deadlock=True)
+
+
+def test_late_deadlock_in_1f1b_reported_mid_schedule():
+    # The middle stage of 1F1B(p=3, m=4) waits for micro-batch 2's gradient before it
+    # sends micro-batch 2's activations. Everything runs until that point:
+    #   slot    0    1    2    3    4    5    6    7
+    #   stage 0  F0   F1   F2    .    .   B0   F3 !RG1   (stage 1 never runs B1)
+    #   stage 1   .   F0   F1    .   B0   F2    . !RG2   (the broken wait)
+    #   stage 2   .    .   F0   B0   F1   B1    . !RA2   (RA2 is never sent)
+    sched = one_f_one_b(3, 4)
+    acts = sched[1]
+    acts.insert(acts.index(SendAct(2)), acts.pop(acts.index(RecvGrad(2))))
+    res = simulate(sched)
+    assert not res.ok
+    assert res.stall_slot == 7
+    assert [(st.stage, st.action) for st in res.stalls] == [
+        (0, RecvGrad(1)), (1, RecvGrad(2)), (2, RecvAct(2))]
+    assert res.stalls[1].index == acts.index(RecvGrad(2))
+    assert len(res.grid[0]) == res.stall_slot  # every slot before the stall, then the marks
+    assert res.render().splitlines()[2].split()[-1] == "!RG2"
+
+
+def test_malformed_schedules_raise():
+    bad = [[Forward(0), SendAct(0), Backward(0), Step()],  # backward without gradient
+           [RecvAct(0), Forward(0), Backward(0), SendGrad(0), Step()]]
+    with pytest.raises(ScheduleError, match="before its gradient was received"):
+        simulate(bad)
+    unmatched = [[Forward(0), SendAct(0), SendAct(0), Backward(0), Step()], [Step()]]
+    with pytest.raises(ScheduleError):
+        simulate(unmatched)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("zigzag", 2, 2)
+
+
+def test_cli_prints_grid_and_bubble(capsys, tmp_path):
+    from mpnn.schedule import main
+
+    png = tmp_path / "g.png"
+    assert main(["--pp", "4", "--micro-batches", "8", "--schedule", "1f1b", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0 F0 F1 F2 F3" in out
+    assert "simulated 0.2727" in out and "= 0.2727" in out
+    assert "stage 0: 4, stage 1: 3, stage 2: 2, stage 3: 1" in out
+    assert png.stat().st_size > 1000
