@@ -1,0 +1,410 @@
+"""``python -m mpnn.train``: parse, validate, build, train, report.
+
+Under ``mpirun -n N`` the job trains data-parallel: every rank holds a full
+replica, takes its contiguous share of each global batch, computes gradients
+scaled by ``1/global_batch``, and the flat gradient buffer is summed with one
+buffer-based ``Allreduce``. Evaluation is sharded over the ranks and the
+counts are reduced. For the same seed and global batch every rank count
+trains the same model as a serial run, up to floating-point summation order.
+
+Failure is loud and collective: configuration and data problems are found on
+every rank before the first collective and end the job with one message and
+exit status 2; an exception later on any rank prints its message and aborts
+the whole job (``MPI.Abort``) instead of leaving the other ranks waiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+import zlib
+
+import numpy as np
+
+from .data import DATASETS, load_dataset
+from .data.batching import batch_bounds, epoch_permutation, share_bounds
+from .kernels import BACKENDS, get_ops
+from .model import HIDDEN_ACTIVATIONS, MLP, Context
+from .optim import OPTIMIZERS, make_optimizer
+from .parallel.data_parallel import GradientSync
+from .parallel.grid import GridError, make_grid
+from .threads import configure_threads
+
+LOSSES = ("cross_entropy", "mse")
+
+
+class ConfigError(ValueError):
+    """An option value or combination that cannot work; the message says how to fix it."""
+
+
+# ------------------------------------------------------------------ options
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _hidden_sizes(text):
+    if text.strip() in ("", "none"):
+        return []
+    sizes = []
+    for part in text.split(","):
+        try:
+            size = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"hidden sizes must be comma-separated positive integers like 256,128,64; "
+                f"{part.strip()!r} is not an integer") from None
+        if size < 1:
+            raise argparse.ArgumentTypeError(f"hidden sizes must be positive, got {size}")
+        sizes.append(size)
+    return sizes
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m mpnn.train",
+        description="Train an MLP with hand-derived backprop; under mpirun -n N, data-parallel.")
+    a = p.add_argument
+    a("--dataset", default="digits", choices=DATASETS, help="training data (default: digits, offline)")
+    a("--data-dir", default=None, help="directory holding the IDX files (or <dir>/<dataset>/)")
+    a("--hidden", type=_hidden_sizes, default=[256, 128, 64], help="hidden sizes, e.g. 256,128,64")
+    a("--activation", default="relu", choices=HIDDEN_ACTIVATIONS)
+    a("--loss", default="cross_entropy", choices=LOSSES)
+    a("--optimizer", default="adam", choices=OPTIMIZERS)
+    a("--lr", type=_nonneg_float, default=None, help="learning rate (default: adam 1e-3, sgd 0.05)")
+    a("--lr-schedule", default="cosine", choices=("constant", "cosine"),
+      help="cosine decays the rate to 0 over the run (default)")
+    a("--momentum", type=_nonneg_float, default=0.9, help="SGD momentum (0 = plain SGD)")
+    a("--nesterov", action="store_true", help="Nesterov momentum for SGD")
+    a("--weight-decay", type=_nonneg_float, default=0.0,
+      help="L2 for SGD, decoupled (AdamW) for adam")
+    a("--epochs", type=_positive_int, default=10)
+    a("--batch-size", type=_positive_int, default=128, help="global batch size over all replicas")
+    a("--seed", type=int, default=0)
+    a("--dtype", default="float32", choices=("float32", "float64"))
+    a("--backend", default="numpy", choices=BACKENDS, help="kernel implementation")
+    a("--threads", type=_positive_int, default=None,
+      help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
+    a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
+    a("--save", default=None, metavar="PATH", help="write the trained weights (.npz, no pickle)")
+    a("--metrics", default=None, metavar="PATH", help="append one JSON line per epoch")
+    a("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    return p
+
+
+def validate(args, world_size):
+    """Raise ConfigError for option combinations that cannot work (same on every rank)."""
+    if args.batch_size < world_size:
+        raise ConfigError(f"--batch-size {args.batch_size} is smaller than the {world_size} "
+                          f"ranks: every rank needs at least one row of each global batch; "
+                          f"use --batch-size >= {world_size} or fewer ranks")
+    if args.lr is not None and args.lr == 0:
+        raise ConfigError("--lr 0 would not train; give a positive learning rate")
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
+        raise ConfigError("--nesterov needs --optimizer sgd with --momentum > 0")
+    for option, path in (("--save", args.save), ("--metrics", args.metrics)):
+        if path:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                raise ConfigError(f"{option} {path}: directory {folder} does not exist")
+            if not os.access(folder, os.W_OK):
+                raise ConfigError(f"{option} {path}: directory {folder} is not writable")
+    if args.init and not os.path.isfile(args.init):
+        raise ConfigError(f"--init {args.init}: no such file")
+
+
+def default_lr(args):
+    return args.lr if args.lr is not None else (1e-3 if args.optimizer == "adam" else 0.05)
+
+
+# ------------------------------------------------------------ weights files
+
+
+def save_weights(path, arrays):
+    """Write ``arrays`` as an .npz (no pickle) atomically: temp file, fsync, rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_weights(path):
+    """Named arrays of a ``--save`` file (never unpickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {name: z[name] for name in z.files}
+    except Exception as e:  # zipfile, format and pickle-refusal errors alike
+        raise ConfigError(f"--init {path}: not a readable mpnn weights file ({e})") from None
+
+
+# ------------------------------------------------------------ the training step
+
+
+class DataParallelEngine:
+    """One replica of the whole model; gradients summed over ``dp_comm``.
+
+    ``train_step`` leaves the summed gradient of the global-batch mean loss in
+    the flat gradient buffer; the caller steps the optimizer.
+    """
+
+    def __init__(self, model, loss, dp_comm):
+        self.model, self.loss = model, loss
+        self.ops = model.ops
+        self.sync = GradientSync(dp_comm, model.flat.grad, self.ops)
+        self.ctx = Context()
+        self.dlogits = None
+
+    def train_step(self, x, labels, scale):
+        """Forward, loss (scaled by 1/global_batch), backward, gradient sum.
+
+        x (b, I) and labels (b,) are this replica's rows; returns their loss sum."""
+        model, ops = self.model, self.ops
+        model.zero_grad()
+        loss_sum = 0.0
+        if x.shape[0]:
+            logits = model.forward(x, self.ctx)  # (b, C)
+            if self.dlogits is None or self.dlogits.shape != logits.shape:
+                self.dlogits = ops.xp.empty_like(logits)
+            loss_sum = ops.loss(self.loss, logits, labels, scale, self.dlogits)
+            model.backward(self.dlogits, self.ctx, on_layer_done=self.sync.on_layer_done)
+        self.sync.wait()
+        return loss_sum
+
+    def evaluate(self, x, labels, chunk=2048):
+        """(loss_sum, n_correct) over rows x (n, I) of this rank."""
+        loss_sum, correct = 0.0, 0
+        ctx = Context()
+        for s in range(0, x.shape[0], chunk):
+            logits = self.model.forward(x[s:s + chunk], ctx)
+            l, c = self.ops.predict_stats(logits, labels[s:s + chunk], self.loss)
+            loss_sum, correct = loss_sum + l, correct + c
+        return loss_sum, correct
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _sum_over(comm, values):
+    """Element-wise float64 sum of ``values`` over ``comm`` (serial: unchanged)."""
+    buf = np.asarray(values, dtype=np.float64)
+    if comm is None or comm.Get_size() == 1:
+        return buf
+    from mpi4py import MPI
+
+    out = np.empty_like(buf)
+    comm.Allreduce(buf, out, op=MPI.SUM)
+    return out
+
+
+def check_replicas_agree(comm, flat):
+    """Decision 4: every replica must start from the same parameters."""
+    if comm is None or comm.Get_size() == 1:
+        return
+    from mpi4py import MPI
+
+    mine = np.array([zlib.crc32(np.ascontiguousarray(flat.data).tobytes())], dtype=np.int64)
+    hashes = np.empty(comm.Get_size(), dtype=np.int64)
+    comm.Allgather(mine, hashes)
+    if len(set(hashes.tolist())) != 1:
+        bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        raise RuntimeError(f"data-parallel replicas start from different weights "
+                           f"(ranks {bad} differ from rank 0): the seed or --init differs")
+
+
+def lr_at(args, base_lr, step, total_steps):
+    if args.lr_schedule == "constant":
+        return base_lr
+    return base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+# --------------------------------------------------------------------- run
+
+
+def setup(args, comm):
+    """Everything before the first collective: grid, threads, data, model."""
+    world = comm.Get_size() if comm is not None else 1
+    validate(args, world)
+    try:
+        grid = make_grid(comm, pp=1) if comm is not None else None
+    except GridError as e:
+        raise ConfigError(str(e)) from None
+    threads, warning = configure_threads(comm, args.threads)
+    dtype = np.dtype(args.dtype)
+    data = load_dataset(args.dataset, data_dir=args.data_dir, dtype=dtype,
+                        progress=not args.quiet and (comm is None or comm.Get_rank() == 0))
+    ops = get_ops(args.backend)
+    sizes = [data.n_features, *args.hidden, data.num_classes]
+    model = MLP(sizes, args.activation, dtype, args.seed, ops=ops)
+    if args.init:
+        model.load_state_dict(load_weights(args.init), source=f"--init {args.init}")
+    return grid, data, model, threads, warning
+
+
+def train(args, comm=None, grid=None, data=None, model=None, log=print):
+    """Train and return the per-epoch metrics (rank 0's view, identical on all ranks)."""
+    dp_comm = grid.dp_comm if grid is not None else None
+    dp, dp_rank = (grid.dp, grid.dp_rank) if grid is not None else (1, 0)
+    rank = comm.Get_rank() if comm is not None else 0
+    ops = model.ops
+    engine = DataParallelEngine(model, args.loss, dp_comm)
+    check_replicas_agree(dp_comm, model.flat)
+    base_lr = default_lr(args)
+    opt = make_optimizer(args.optimizer, model.flat, ops, base_lr, args.momentum,
+                         args.nesterov, args.weight_decay)
+
+    n = data.x_train.shape[0]
+    bounds = batch_bounds(n, args.batch_size)
+    total_steps = args.epochs * len(bounds)
+    t_lo, t_hi = share_bounds(data.x_test.shape[0], dp_rank, dp)
+    x_test = ops.to_device(data.x_test[t_lo:t_hi])
+    y_test = ops.to_device(data.y_test[t_lo:t_hi])
+    show_bar = rank == 0 and not args.quiet
+    if args.metrics and rank == 0:
+        open(args.metrics, "w").close()  # one run's lines per file
+    history, step = [], 0
+    for epoch in range(1, args.epochs + 1):
+        order = epoch_permutation(n, args.seed, epoch)
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        batches = _progress(bounds, show_bar, f"epoch {epoch}/{args.epochs}")
+        for start, stop in batches:
+            lo, hi = share_bounds(stop - start, dp_rank, dp)
+            rows = order[start + lo:start + hi]
+            x = ops.to_device(data.x_train[rows])  # (b, I)
+            y = ops.to_device(data.y_train[rows])  # (b,)
+            loss_sum += engine.train_step(x, y, 1.0 / (stop - start))
+            opt.step(lr_at(args, base_lr, step, total_steps))
+            step += 1
+        ops.synchronize()
+        epoch_time = time.perf_counter() - t0
+        test_loss, correct = engine.evaluate(x_test, y_test)
+        totals = _sum_over(dp_comm, [loss_sum, test_loss, correct])
+        record = {
+            "epoch": epoch,
+            "train_loss": totals[0] / n,
+            "test_loss": totals[1] / data.x_test.shape[0],
+            "test_accuracy": totals[2] / data.x_test.shape[0],
+            "epoch_time_s": epoch_time,
+            "samples_per_s": n / epoch_time,
+            "lr": lr_at(args, base_lr, step, total_steps),
+            "ranks": comm.Get_size() if comm is not None else 1,
+        }
+        history.append(record)
+        if rank == 0:
+            if args.metrics:
+                with open(args.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if not args.quiet:
+                log(f"epoch {epoch:3d}  train_loss {record['train_loss']:.4f}  "
+                    f"test_loss {record['test_loss']:.4f}  "
+                    f"test_acc {record['test_accuracy']:.4f}  "
+                    f"{record['samples_per_s']:,.0f} samples/s  ({epoch_time:.2f} s)")
+    if args.save and rank == 0:
+        save_weights(args.save, engine.state_dict())
+        if not args.quiet:
+            log(f"saved weights to {args.save}")
+    return history
+
+
+def _progress(items, enabled, desc):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)
+
+
+def _world():
+    """COMM_WORLD, or None when mpi4py is missing (serial run)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD
+
+
+def main(argv=None):
+    comm = _world()
+    rank = comm.Get_rank() if comm is not None else 0
+    parser = build_parser()
+    # Phase 1: everything before the first training collective. Errors here are
+    # gathered, so every rank exits together with one message and status 2.
+    error, state = None, None
+    try:
+        with contextlib.redirect_stderr(sys.stderr if rank == 0 else io.StringIO()):
+            args = parser.parse_args(argv)  # usage errors are printed by rank 0 only
+        state = setup(args, comm)
+    except SystemExit as e:  # argparse already printed usage and the problem
+        error = e.code or 0
+    except Exception as e:  # noqa: BLE001 - reported to the user, then exit
+        error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, OSError)) else str(e)
+    errors = comm.allgather(error) if comm is not None and comm.Get_size() > 1 else [error]
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        codes = [e for _, e in failed if isinstance(e, int)]
+        if codes and len(codes) == len(failed):
+            return max(codes)
+        if rank == 0:
+            messages = {}
+            for r, e in failed:
+                if not isinstance(e, int):
+                    messages.setdefault(e, []).append(r)
+            for message, ranks in messages.items():
+                where = "" if len(ranks) == len(errors) else f" (rank {', '.join(map(str, ranks))})"
+                print(f"mpnn.train: error{where}: {message}", file=sys.stderr, flush=True)
+        return 2
+    grid, data, model, threads, warning = state
+    if rank == 0 and not args.quiet:
+        if warning:
+            print(warning, file=sys.stderr)
+        world = comm.Get_size() if comm is not None else 1
+        print(f"mpnn: {args.dataset} ({data.x_train.shape[0]} train / {data.x_test.shape[0]} test), "
+              f"MLP {'-'.join(map(str, model.sizes))} {args.activation}, {args.optimizer} "
+              f"lr {default_lr(args)}, batch {args.batch_size}, {world} rank(s) x "
+              f"{threads} thread(s), {model.ops.name} backend, {args.dtype}", flush=True)
+    # Phase 2: training. An exception on any rank aborts the whole job.
+    try:
+        train(args, comm, grid, data, model)
+    except Exception as e:  # noqa: BLE001
+        print(f"mpnn.train: error on rank {rank}: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+        if comm is not None and comm.Get_size() > 1:
+            comm.Abort(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

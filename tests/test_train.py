@@ -1,0 +1,114 @@
+"""The training CLI's contracts: --save/--init format, --metrics lines, plain SGD,
+accuracy on digits, and clear errors (also under mpirun)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpnn.model import MLP, Context
+from mpnn.train import build_parser, load_weights, main, setup, train
+
+FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+
+
+def cli(*argv, ranks=None, timeout=120):
+    """Run ``python -m mpnn.train`` (under mpirun with ``ranks``); return (rc, stderr)."""
+    cmd = [sys.executable, "-m", "mpnn.train", *argv]
+    if ranks:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_save_writes_named_layers_and_init_reads_them(tmp_path):
+    path = tmp_path / "w.npz"
+    assert main(FAST + ["--hidden", "32,16", "--save", str(path)]) == 0
+    w = load_weights(path)
+    assert sorted(w) == sorted(f"layers.{i}.{k}" for i in range(3) for k in ("weight", "bias"))
+    assert w["layers.0.weight"].shape == (64, 32) and w["layers.0.bias"].shape == (32,)
+    assert w["layers.2.weight"].shape == (16, 10) and w["layers.2.bias"].shape == (10,)
+    with np.load(path, allow_pickle=False) as z:  # plain npz, no pickle needed
+        assert z["layers.1.weight"].dtype == np.float32
+    # --init starts from exactly those weights
+    args = build_parser().parse_args(FAST + ["--hidden", "32,16", "--init", str(path)])
+    _, _, model, _, _ = setup(args, None)
+    for name, value in w.items():
+        np.testing.assert_array_equal(model.state_dict()[name], value)
+
+
+def test_init_shape_mismatch_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "w.npz"
+    assert main(FAST + ["--save", str(path)]) == 0
+    assert main(FAST + ["--hidden", "32", "--init", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "layers.0.weight has shape (64, 16)" in err and "needs (64, 32)" in err
+
+
+def test_init_refuses_pickles(tmp_path, capsys):
+    path = tmp_path / "evil.npz"
+    np.savez(path, **{"layers.0.weight": np.array([object()], dtype=object)})
+    assert main(FAST + ["--init", str(path)]) == 2
+    assert "--init" in capsys.readouterr().err
+
+
+def test_metrics_has_one_json_line_per_epoch(tmp_path):
+    path = tmp_path / "m.jsonl"
+    assert main(FAST + ["--epochs", "3", "--metrics", str(path)]) == 0
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    for r in lines:
+        for key in ("train_loss", "test_loss", "test_accuracy", "epoch_time_s", "samples_per_s"):
+            assert np.isfinite(r[key]), key
+        assert 0 <= r["test_accuracy"] <= 1
+
+
+def test_plain_sgd_is_w_minus_lr_times_mean_gradient():
+    """--optimizer sgd --momentum 0: one full-batch step is W - lr * dL/dW, L the batch mean."""
+    argv = ["--dataset", "digits", "--hidden", "8", "--epochs", "1", "--batch-size", "5000",
+            "--optimizer", "sgd", "--momentum", "0", "--lr", "0.5", "--lr-schedule", "constant",
+            "--dtype", "float64", "--quiet"]
+    args = build_parser().parse_args(argv)
+    grid, data, model, _, _ = setup(args, None)
+    ref = MLP(model.sizes, dtype=np.float64, seed=0)
+    x, y = data.x_train, data.y_train  # one batch: the epoch's order does not change the mean
+    ctx = Context()
+    logits = ref.forward(x, ctx)
+    d = np.empty_like(logits)
+    ref.ops.loss("cross_entropy", logits, y, 1.0 / len(x), d)
+    ref.zero_grad()
+    ref.backward(d, ctx)
+    expected = ref.flat.data - 0.5 * ref.flat.grad
+    train(args, None, grid, data, model, log=lambda *a: None)
+    np.testing.assert_allclose(model.flat.data, expected, rtol=0, atol=1e-12)
+
+
+def test_digits_default_settings_reach_096():
+    args = build_parser().parse_args(["--dataset", "digits", "--quiet"])
+    history = train(args, None, *setup(args, None)[:3])
+    assert history[-1]["test_accuracy"] >= 0.96
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hidden", "256,x"], "'x' is not an integer"),
+    (["--hidden", "0"], "hidden sizes must be positive"),
+    (["--lr", "-1"], "expected a finite number >= 0"),
+    (["--epochs", "abc"], "expected a positive integer"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--save", "/nonexistent/dir/w.npz"], "does not exist"),
+    (["--nesterov", "--optimizer", "adam"], "--nesterov needs --optimizer sgd"),
+])
+def test_bad_options_are_clear_errors(argv, message):
+    rc, out = cli(*argv)
+    assert rc == 2 and message in out, out
+
+
+def test_errors_end_every_rank_under_mpirun():
+    rc, out = cli("--dataset", "digits", "--batch-size", "1", ranks=2, timeout=60)
+    assert rc != 0
+    assert out.count("--batch-size 1 is smaller than the 2 ranks") == 1, out
