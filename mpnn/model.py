@@ -79,6 +79,10 @@ class MLP:
         if activation not in HIDDEN_ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
                              f"{', '.join(HIDDEN_ACTIVATIONS)}")
+        if layers is not None and not (layers.step == 1
+                                       and 0 <= layers.start < layers.stop <= len(sizes) - 1):
+            raise ValueError(f"layers must be range(start, stop) with 0 <= start < stop <= "
+                             f"{len(sizes) - 1} (the model's linear layers), got {layers}")
         self.sizes = sizes
         self.activation = activation
         self.dtype = np.dtype(dtype)
