@@ -1,0 +1,286 @@
+"""Every fast backend agrees with the NumPy reference op set (the specification).
+
+Each op is run on both backends from identical inputs and compared: float32
+and float64, several shapes (one row, odd sizes), every activation, both
+losses, every optimizer variant with and without weight decay; then a few
+training steps per backend must land on the same weights as NumPy.
+
+CuPy tests skip without a GPU, saying so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpnn.kernels import get_ops
+from mpnn.kernels.cupy_ops import gpu_available
+from mpnn.kernels.numpy_ops import NumpyOps
+from mpnn.model import MLP, Context
+from mpnn.optim import make_optimizer
+
+REF = NumpyOps()
+DTYPES = (np.float32, np.float64)
+SHAPES = ((1, 1, 1), (1, 7, 5), (3, 5, 2), (17, 33, 10), (64, 784, 256), (129, 13, 127))
+ACTS = ("identity", "relu", "tanh", "sigmoid")
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+requires_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU / cupy not installed")
+BACKENDS = ["numba", pytest.param("cupy", marks=requires_gpu)]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def ops(request):
+    return get_ops(request.param)
+
+
+def host(ops, a):
+    return np.asarray(ops.to_host(a))
+
+
+def dev(ops, a):
+    return ops.to_device(np.array(a, copy=True))
+
+
+def close(actual, expected, dtype, scale=1.0):
+    tol = TOL[np.dtype(dtype).type]
+    np.testing.assert_allclose(actual, expected, rtol=tol["rtol"] * scale,
+                               atol=tol["atol"] * scale)
+
+
+def rand(rng, shape, dtype, lo=-1.0, hi=1.0):
+    return rng.uniform(lo, hi, size=shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,I,O", SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_linear_act(ops, dtype, B, I, O, act):
+    rng = np.random.default_rng(B * 1000 + I * 10 + O)
+    x, W, b = rand(rng, (B, I), dtype), rand(rng, (I, O), dtype), rand(rng, (O,), dtype)
+    expected = REF.linear_act(x, W, b, act, np.empty((B, O), dtype))
+    out = dev(ops, np.full((B, O), np.nan, dtype))
+    got = ops.linear_act(dev(ops, x), dev(ops, W), dev(ops, b), act, out)
+    assert got is out
+    close(host(ops, out), expected, dtype, scale=max(1.0, I / 16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,I,O", SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_act_bias_backward(ops, dtype, B, I, O, act):
+    rng = np.random.default_rng(B + I + O)
+    z = rand(rng, (B, O), dtype, -3, 3)
+    y = REF.linear_act(z, np.eye(O, dtype=dtype), np.zeros(O, dtype), act, np.empty_like(z))
+    dy = rand(rng, (B, O), dtype)
+    db0 = rand(rng, (O,), dtype)  # gradients accumulate into what is there
+    dz_ref, db_ref = dy.copy(), db0.copy()
+    REF.act_bias_backward(dz_ref, y, act, db_ref)
+    dz, db = dev(ops, dy), dev(ops, db0)
+    ops.act_bias_backward(dz, dev(ops, y), act, db)
+    close(host(ops, dz), dz_ref, dtype)
+    close(host(ops, db), db_ref, dtype, scale=max(1.0, B / 8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,I,O", SHAPES)
+def test_weight_and_input_grad(ops, dtype, B, I, O):
+    rng = np.random.default_rng(7 * B + I)
+    x, dz, W = rand(rng, (B, I), dtype), rand(rng, (B, O), dtype), rand(rng, (I, O), dtype)
+    dW0 = rand(rng, (I, O), dtype)
+    dW_ref = dW0.copy()
+    REF.weight_grad(x, dz, dW_ref)
+    flat = dev(ops, np.concatenate([dW0.ravel(), [dtype(5)]]))  # a view, as in the flat buffer
+    dW = flat[:I * O].reshape(I, O)
+    ops.weight_grad(dev(ops, x), dev(ops, dz), dW)
+    close(host(ops, dW), dW_ref, dtype, scale=max(1.0, B / 8))
+    assert host(ops, flat)[-1] == 5  # nothing written past the view
+
+    dx_ref = REF.input_grad(dz, W, np.empty((B, I), dtype))
+    out = dev(ops, np.full((B, I), np.nan, dtype))
+    ops.input_grad(dev(ops, dz), dev(ops, W), out)
+    close(host(ops, out), dx_ref, dtype, scale=max(1.0, O / 8))
+
+
+# ---------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,C", [(1, 1), (1, 10), (5, 3), (64, 10), (257, 17)])
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+def test_loss_and_predict_stats(ops, dtype, B, C, loss):
+    rng = np.random.default_rng(B * C)
+    logits = rand(rng, (B, C), dtype, -8, 8)
+    labels = rng.integers(0, C, size=B)
+    scale = 1.0 / (3 * B)  # any scale: the trainer's is 1/global_batch
+    d_ref = np.empty_like(logits)
+    loss_ref = REF.loss(loss, logits, labels, scale, d_ref)
+    out = dev(ops, np.full((B, C), np.nan, dtype))
+    got = ops.loss(loss, dev(ops, logits), dev(ops, labels), scale, out)
+    assert isinstance(got, float)
+    close(got, loss_ref, dtype, scale=10.0)
+    close(host(ops, out), d_ref, dtype)
+
+    stats_ref = REF.predict_stats(logits, labels, loss)
+    stats = ops.predict_stats(dev(ops, logits), dev(ops, labels), loss)
+    close(stats[0], stats_ref[0], dtype, scale=10.0)
+    assert stats[1] == stats_ref[1]
+
+
+def test_loss_extreme_logits_are_finite(ops):
+    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
+    labels = np.array([1, 2])
+    out = dev(ops, np.empty_like(logits))
+    total = ops.loss("cross_entropy", dev(ops, logits), dev(ops, labels), 1.0, out)
+    d_ref = np.empty_like(logits)
+    assert np.isclose(total, REF.loss("cross_entropy", logits, labels, 1.0, d_ref), rtol=1e-6)
+    close(host(ops, out), d_ref, np.float32)
+
+
+def test_loss_rejects_bad_labels():
+    ops = get_ops("numba")
+    with pytest.raises(ValueError, match="labels must lie in"):
+        ops.loss("cross_entropy", np.zeros((2, 3), np.float32), np.array([0, 3]), 1.0,
+                 np.empty((2, 3), np.float32))
+
+
+# ------------------------------------------------------------------- optimizers
+
+
+def _opt_case(dtype, n=1031, seed=0):
+    rng = np.random.default_rng(seed)
+    return rand(rng, n, dtype), rand(rng, n, dtype, -0.1, 0.1), rand(rng, n, dtype, 0, 0.01)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_sgd_step(ops, dtype, wd):
+    p, g, _ = _opt_case(dtype)
+    p_ref = p.copy()
+    REF.sgd_step(p_ref, g, 0.1, wd)
+    pd = dev(ops, p)
+    ops.sgd_step(pd, dev(ops, g), 0.1, wd)
+    assert host(ops, pd).dtype == dtype
+    close(host(ops, pd), p_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_step(ops, dtype, wd, nesterov):
+    p, g, v = _opt_case(dtype)
+    p_ref, v_ref = p.copy(), v.copy()
+    pd, gd, vd = dev(ops, p), dev(ops, g), dev(ops, v)
+    for _ in range(3):
+        REF.momentum_step(p_ref, g, v_ref, 0.05, 0.9, nesterov, wd)
+        ops.momentum_step(pd, gd, vd, 0.05, 0.9, nesterov, wd)
+    close(host(ops, pd), p_ref, dtype)
+    close(host(ops, vd), v_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adam_step(ops, dtype, wd):
+    p, g, _ = _opt_case(dtype)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    p_ref, m_ref, v_ref = p.copy(), m.copy(), v.copy()
+    pd, gd, md, vd = dev(ops, p), dev(ops, g), dev(ops, m), dev(ops, v)
+    for t in range(1, 4):
+        REF.adam_step(p_ref, g, m_ref, v_ref, 1e-3, 0.9, 0.999, 1e-8, wd, t)
+        ops.adam_step(pd, gd, md, vd, 1e-3, 0.9, 0.999, 1e-8, wd, t)
+    close(host(ops, pd), p_ref, dtype)
+    close(host(ops, md), m_ref, dtype)
+    close(host(ops, vd), v_ref, dtype)
+
+
+def test_optimizer_state_flushes_subnormals():
+    """Dead units (g = 0) decay their velocity into subnormals; the fast
+    kernel stores them as exact zeros instead (NumPy keeps the subnormal)."""
+    ops = get_ops("numba")
+    tiny = np.finfo(np.float32).tiny
+    p = np.ones(4, np.float32)
+    g = np.zeros(4, np.float32)
+    v = np.array([tiny * 1.05, tiny * 0.5, -tiny * 0.25, 1.0], np.float32)
+    ops.momentum_step(p, g, v, 0.1, 0.9, False, 0.0)
+    assert v[0] == 0 and v[1] == 0 and v[2] == 0  # 0.9·1.05·tiny is subnormal too
+    assert v[3] == np.float32(0.9)
+    m = np.array([tiny * 0.5, 1.0], np.float32)
+    vv = np.array([tiny * 0.5, 1.0], np.float32)
+    ops.adam_step(np.ones(2, np.float32), np.zeros(2, np.float32), m, vv,
+                  1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    assert m[0] == 0 and vv[0] == 0 and m[1] == np.float32(0.9)
+
+
+def test_dtypes_stay_float32():
+    """A float64 scalar anywhere would promote float32 buffers (NumPy 2)."""
+    ops = get_ops("numba")
+    rng = np.random.default_rng(0)
+    x, W, b = rand(rng, (4, 3), np.float32), rand(rng, (3, 2), np.float32), rand(rng, 2, np.float32)
+    out = np.empty((4, 2), np.float32)
+    assert ops.linear_act(x, W, b, "sigmoid", out).dtype == np.float32
+    p, g, v = _opt_case(np.float32, 8)
+    m = np.zeros_like(p)
+    ops.adam_step(p, g, m, v, np.float64(1e-3), 0.9, 0.999, 1e-8, 0.1, 1)
+    ops.momentum_step(p, g, v, np.float64(0.1), 0.9, True, 0.1)
+    assert p.dtype == m.dtype == v.dtype == np.float32
+
+
+# ------------------------------------------------------------------- training
+
+
+def _train(backend, dtype, optimizer, steps=5, act="relu", loss="cross_entropy"):
+    ops = get_ops(backend)
+    sizes = [20, 16, 12, 5]
+    model = MLP(sizes, activation=act, dtype=dtype, seed=3, ops=ops)
+    opt = make_optimizer(optimizer, model.flat, ops, lr=0.05,
+                         momentum=0.9 if optimizer == "sgd" else 0.0, weight_decay=1e-3)
+    rng = np.random.default_rng(11)
+    x = ops.to_device(rng.normal(size=(32, sizes[0])).astype(dtype))
+    labels = ops.to_device(rng.integers(0, sizes[-1], size=32))
+    ctx = Context()
+    dlogits = ops.xp.empty((32, sizes[-1]), dtype=dtype)
+    losses = []
+    for _ in range(steps):
+        model.zero_grad()
+        logits = model.forward(x, ctx)
+        losses.append(ops.loss(loss, logits, labels, 1.0 / 32, dlogits))
+        model.backward(dlogits, ctx)
+        opt.step()
+    return host(ops, model.flat.data), losses
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("act,loss", [("relu", "cross_entropy"), ("tanh", "mse"),
+                                      ("sigmoid", "cross_entropy")])
+def test_training_matches_numpy(ops, dtype, optimizer, act, loss):
+    w_ref, l_ref = _train("numpy", dtype, optimizer, act=act, loss=loss)
+    w, losses = _train(ops.name, dtype, optimizer, act=act, loss=loss)
+    scale = 1.0 if dtype == np.float64 else 5.0
+    if optimizer == "adam":  # m/√v amplifies rounding where the gradient is near 0
+        scale *= 1e3 if dtype == np.float64 else 20.0
+    close(w, w_ref, dtype, scale=scale)
+    close(losses, l_ref, dtype, scale=10.0)
+
+
+def test_auto_backend_without_gpu():
+    if gpu_available():
+        pytest.skip("a GPU is present: auto picks cupy")
+    assert get_ops("auto").name == "numba"
+
+
+def test_gpu_available_is_quiet_without_cupy():
+    assert gpu_available() in (True, False)
+
+
+@requires_gpu
+def test_cupy_synchronize_and_transfers():
+    ops = get_ops("cupy")
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    d = ops.to_device(a)
+    assert isinstance(d, ops.xp.ndarray)
+    ops.synchronize()
+    np.testing.assert_array_equal(ops.to_host(d), a)
