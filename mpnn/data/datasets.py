@@ -1,0 +1,250 @@
+"""Datasets as in-memory arrays: digits, mnist, fashion-mnist, synthetic.
+
+Shape legend
+    N   samples (rows)
+    D   features per sample (pixels, flattened)
+    C   classes
+
+Every dataset is a :class:`Dataset` with ``x_train (N, D)`` in the requested
+float dtype, ``y_train (N,)`` int64 in ``[0, C)``, and the same for the test
+split. Features lie in ``[0, 1]``:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 samples, D = 64,
+  offline), pixels / 16. A fixed split, independent of any training seed:
+  the permutation from ``numpy.random.default_rng(0)``; its first 360 rows
+  are the test set, the other 1437 the training set.
+- ``mnist``, ``fashion-mnist``: the four IDX files under their standard names
+  (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+  ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each plain or
+  ``.gz``), images flattened to ``(N, 784)`` and divided by 255, nothing else.
+  Searched in these roots, in order: the ``data_dir`` argument, ``$MPNN_DATA``,
+  ``~/.cache/mpnn``, ``/usr/share/datasets`` (where Debian's
+  ``dataset-fashion-mnist`` installs); in each root first ``root/<name>/``,
+  then ``root`` itself, so a directory holding the four files works as
+  ``data_dir`` directly. A directory is used only if it holds all four files.
+  If none does and ``download=True``, the published files are downloaded,
+  SHA-256-verified, into ``~/.cache/mpnn/<name>/`` (always the cache, never
+  ``data_dir``, which may be shared or read-only; the cache is then found by
+  the normal lookup). Files found on disk are validated as IDX but not
+  checksummed: any directory of IDX files under these names can be trained on.
+- ``synthetic``: ``synthetic_size=(n_train, n_test)`` samples (default
+  60000/10000, like MNIST) of D = 784, C = 10: one random prototype per class
+  plus Gaussian noise, clipped to [0, 1]. Deterministic (fixed seed), learnable,
+  generated in well under a second at the default size; meant for benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .download import fetch
+from .idx import DataError, load_idx_pair
+
+__all__ = ["DATASETS", "Dataset", "load_dataset", "search_dirs", "locate_idx"]
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "synthetic")
+
+IDX_DATASETS = ("mnist", "fashion-mnist")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SYSTEM_ROOT = Path("/usr/share/datasets")
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_N_TEST = 360
+SYNTHETIC_SEED = 0x5EED
+SYNTHETIC_SIZE = (60000, 10000)
+SYNTHETIC_FEATURES = 784
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_NOISE = 0.5
+
+_FIX = ("pass --data-dir DIR (or data_dir=DIR) or set MPNN_DATA=DIR to a directory holding "
+        f"the four files {', '.join(IDX_FILES)} (each plain or .gz), or DIR/<name>/ holding them")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A train/test split in memory: x (N, D) float, y (N,) int64 in [0, num_classes)."""
+
+    name: str
+    x_train: np.ndarray = field(repr=False)
+    y_train: np.ndarray = field(repr=False)
+    x_test: np.ndarray = field(repr=False)
+    y_test: np.ndarray = field(repr=False)
+    num_classes: int
+
+    def __post_init__(self):
+        for split, x, y in (("train", self.x_train, self.y_train),
+                            ("test", self.x_test, self.y_test)):
+            if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+                raise ValueError(f"{self.name}: {split} split needs x (N, D) and y (N,), "
+                                 f"got {x.shape} and {y.shape}")
+        if self.x_train.shape[1] != self.x_test.shape[1]:
+            raise ValueError(f"{self.name}: train has {self.x_train.shape[1]} features, "
+                             f"test {self.x_test.shape[1]}")
+
+    @property
+    def n_features(self) -> int:
+        return self.x_train.shape[1]
+
+    def __repr__(self):
+        return (f"Dataset({self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
+                f"num_classes={self.num_classes}, dtype={self.x_train.dtype})")
+
+
+def load_dataset(name, data_dir=None, dtype=np.float32, download=True, progress=True,
+                 synthetic_size=None) -> Dataset:
+    """Load dataset ``name`` (one of DATASETS) as a Dataset with features in ``dtype``.
+
+    data_dir: a directory searched first for IDX datasets (see the module doc).
+    download: fetch a missing IDX dataset from the public mirrors.
+    progress: show a progress bar while downloading.
+    synthetic_size: (n_train, n_test) for ``synthetic`` only.
+    Raises DataError saying what is wrong and how to fix it.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise DataError(f"dtype must be a floating-point type (float32, float64), got {dtype}")
+    if synthetic_size is not None and name != "synthetic":
+        raise DataError(f"synthetic_size applies to the synthetic dataset only, not {name!r}")
+    if name == "digits":
+        return _digits(dtype)
+    if name == "synthetic":
+        return _synthetic(dtype, SYNTHETIC_SIZE if synthetic_size is None else synthetic_size)
+    return _idx_dataset(name, data_dir, dtype, download, progress)
+
+
+# -------------------------------------------------------------------------- digits
+
+
+def _digits(dtype) -> Dataset:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no network
+
+    bunch = load_digits()
+    x = bunch.data.astype(dtype)  # (1797, 64), integers 0..16
+    x /= 16
+    y = bunch.target.astype(np.int64)  # (1797,)
+    perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(y))
+    test, train = perm[:DIGITS_N_TEST], perm[DIGITS_N_TEST:]
+    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+
+
+# ----------------------------------------------------------------------- synthetic
+
+
+def _synthetic(dtype, size) -> Dataset:
+    try:
+        n_train, n_test = (int(n) for n in size)
+    except (TypeError, ValueError):
+        raise DataError(f"synthetic_size must be (n_train, n_test), got {size!r}") from None
+    if n_train < 1 or n_test < 1:
+        raise DataError(f"synthetic_size needs at least one sample per split, got {size!r}")
+    proto_seed, train_seed, test_seed = np.random.SeedSequence(SYNTHETIC_SEED).spawn(3)
+    prototypes = np.random.default_rng(proto_seed).random(
+        (SYNTHETIC_CLASSES, SYNTHETIC_FEATURES), dtype=np.float32)  # (C, D)
+
+    def split(seed, n):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, SYNTHETIC_CLASSES, size=n, dtype=np.int64)  # (N,)
+        x = np.empty((n, SYNTHETIC_FEATURES), dtype=np.float32)  # (N, D)
+        for start in range(0, n, 2048):  # blocks keep the temporaries in cache
+            block = x[start:start + 2048]  # (b, D)
+            rng.standard_normal(out=block, dtype=np.float32)
+            block *= SYNTHETIC_NOISE
+            block += prototypes[y[start:start + 2048]]
+            np.clip(block, 0, 1, out=block)
+        return x.astype(dtype, copy=False), y
+
+    x_train, y_train = split(train_seed, n_train)
+    x_test, y_test = split(test_seed, n_test)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, SYNTHETIC_CLASSES)
+
+
+# ----------------------------------------------------------------- IDX datasets
+
+
+def cache_root() -> Path:
+    return Path.home() / ".cache" / "mpnn"
+
+
+def search_dirs(name, data_dir=None):
+    """The directories searched for dataset ``name``, in order."""
+    roots = []
+    if data_dir is not None:
+        roots.append(Path(data_dir).expanduser())
+    if os.environ.get("MPNN_DATA"):
+        roots.append(Path(os.environ["MPNN_DATA"]).expanduser())
+    roots += [cache_root(), SYSTEM_ROOT]
+    dirs = []
+    for root in roots:
+        for d in (root / name, root):
+            if d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _find_files(directory: Path):
+    """{stem: path} for each IDX file present in ``directory`` (plain preferred over .gz)."""
+    found = {}
+    for stem in IDX_FILES:
+        for candidate in (directory / stem, directory / f"{stem}.gz"):
+            if candidate.is_file():
+                found[stem] = candidate
+                break
+    return found
+
+
+def locate_idx(name, data_dir=None):
+    """(directory holding all four files or None, notes on each place searched)."""
+    notes = []
+    for d in search_dirs(name, data_dir):
+        found = _find_files(d)
+        if len(found) == len(IDX_FILES):
+            return d, notes
+        if found:
+            missing = ", ".join(s for s in IDX_FILES if s not in found)
+            notes.append(f"{d} (incomplete: missing {missing})")
+        else:
+            notes.append(f"{d}")
+    return None, notes
+
+
+def _idx_dataset(name, data_dir, dtype, download, progress) -> Dataset:
+    directory, notes = locate_idx(name, data_dir)
+    if directory is None:
+        searched = "\n  ".join(notes)
+        if not download:
+            raise DataError(f"{name}: IDX files not found; searched:\n  {searched}\n"
+                            f"Downloading is disabled. Fix: {_FIX}")
+        target = cache_root() / name
+        try:
+            directory = fetch(name, target, progress=progress)
+        except DataError as e:
+            raise DataError(f"{name}: IDX files not found; searched:\n  {searched}\n"
+                            f"Downloading failed: {e}\nFix: connect to the internet, set "
+                            f"MPNN_MIRROR to a reachable mirror, or {_FIX}") from e
+    files = _find_files(directory)
+    x_train, y_train = _load_split(files["train-images-idx3-ubyte"],
+                                   files["train-labels-idx1-ubyte"], dtype)
+    x_test, y_test = _load_split(files["t10k-images-idx3-ubyte"],
+                                 files["t10k-labels-idx1-ubyte"], dtype)
+    if x_train.shape[1] != x_test.shape[1]:
+        raise DataError(f"{directory}: training images have {x_train.shape[1]} pixels each, "
+                        f"test images {x_test.shape[1]}: the files come from different datasets")
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=10)
+
+
+def _load_split(images_path, labels_path, dtype):
+    """x (N, D) = flattened pixels / 255, y (N,) int64."""
+    images, labels = load_idx_pair(images_path, labels_path, num_classes=10)
+    if images.dtype != np.uint8:
+        raise DataError(f"{images_path}: expected unsigned-byte pixels (IDX code 0x08), "
+                        f"found {images.dtype}")
+    x = images.reshape(len(images), -1).astype(dtype)  # (N, D)
+    x /= 255
+    return x, labels

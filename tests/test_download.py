@@ -1,0 +1,156 @@
+"""Download against a local HTTP server: verification, atomicity, mirror fallback."""
+
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from mpnn.data import DataError
+from mpnn.data import download as dl
+
+PAYLOAD = bytes(range(256)) * 400  # 102400 bytes, more than one chunk
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """/good/<f>: PAYLOAD;  /evil/<f>: other bytes;  /die/<f>: half, then hang up;  else 404."""
+
+    def do_GET(self):
+        kind = self.path.strip("/").split("/")[0]
+        self.server.hits.append(self.path)
+        if kind not in ("good", "evil", "die"):
+            self.send_error(404)
+            return
+        body = PAYLOAD if kind != "evil" else PAYLOAD[::-1]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2] if kind == "die" else body)
+        if kind == "die":
+            self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.hits = []
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _listing(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_success(server, tmp_path):
+    base, _ = server
+    dest = dl.download_file(f"{base}/good/f.gz", tmp_path / "f.gz", SHA, progress=True)
+    assert dest.read_bytes() == PAYLOAD
+    assert _listing(tmp_path) == ["f.gz"]
+
+
+def test_checksum_mismatch_leaves_nothing(server, tmp_path):
+    base, _ = server
+    with pytest.raises(DataError, match="checksum mismatch") as info:
+        dl.download_file(f"{base}/evil/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert f"{base}/evil/f.gz" in str(info.value) and SHA in str(info.value)
+    assert _listing(tmp_path) == []
+
+
+def test_checksum_mismatch_keeps_existing_file(server, tmp_path):
+    base, _ = server
+    (tmp_path / "f.gz").write_bytes(b"old")
+    with pytest.raises(DataError):
+        dl.download_file(f"{base}/evil/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert _listing(tmp_path) == ["f.gz"] and (tmp_path / "f.gz").read_bytes() == b"old"
+
+
+def test_server_dies_mid_file_leaves_nothing(server, tmp_path):
+    base, _ = server
+    with pytest.raises(DataError, match="download failed") as info:
+        dl.download_file(f"{base}/die/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert f"{base}/die/f.gz" in str(info.value)
+    assert _listing(tmp_path) == []
+
+
+def test_404_leaves_nothing(server, tmp_path):
+    base, _ = server
+    with pytest.raises(DataError, match="HTTP 404"):
+        dl.download_file(f"{base}/missing/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert _listing(tmp_path) == []
+
+
+def test_interrupt_leaves_nothing(server, tmp_path, monkeypatch):
+    base, _ = server
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dl.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dl.download_file(f"{base}/good/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert _listing(tmp_path) == []
+
+
+def test_unreachable_host(tmp_path):
+    # port 9 on localhost: nothing listens there, the connection is refused at once
+    with pytest.raises(DataError, match="download failed"):
+        dl.download_file("http://127.0.0.1:9/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert _listing(tmp_path) == []
+
+
+def test_fetch_falls_back_to_next_mirror(server, tmp_path):
+    base, httpd = server
+    httpd.hits.clear()
+    files = {"a.gz": SHA, "b.gz": SHA}
+    out = dl.fetch("mnist", tmp_path / "mnist", mirrors=[f"{base}/missing", f"{base}/evil",
+                                                          f"{base}/good/"],
+                   progress=False, files=files)
+    assert _listing(out) == ["a.gz", "b.gz"]
+    assert httpd.hits[:3] == ["/missing/a.gz", "/evil/a.gz", "/good/a.gz"]
+    httpd.hits.clear()
+    dl.fetch("mnist", out, mirrors=[f"{base}/good"], progress=False, files=files)
+    assert httpd.hits == []  # verified files already present are kept
+
+
+def test_fetch_replaces_a_corrupt_existing_file(server, tmp_path):
+    base, _ = server
+    (tmp_path / "a.gz").write_bytes(b"junk")
+    dl.fetch("mnist", tmp_path, mirrors=f"{base}/good", progress=False, files={"a.gz": SHA})
+    assert (tmp_path / "a.gz").read_bytes() == PAYLOAD
+
+
+def test_fetch_all_mirrors_fail_names_each_url(server, tmp_path):
+    base, _ = server
+    with pytest.raises(DataError) as info:
+        dl.fetch("mnist", tmp_path / "new", mirrors=[f"{base}/missing", f"{base}/die"],
+                 progress=False, files={"a.gz": SHA})
+    message = str(info.value)
+    assert f"{base}/missing/a.gz" in message and f"{base}/die/a.gz" in message
+    assert _listing(tmp_path) == []  # the directory fetch created is removed again
+
+
+def test_mirror_env_replaces_defaults(monkeypatch):
+    monkeypatch.setenv("MPNN_MIRROR", "http://a/x, http://b/y/")
+    assert dl.mirrors_for("mnist") == ["http://a/x/", "http://b/y/"]
+    assert dl.mirrors_for("mnist", mirrors="http://c") == ["http://c/"]
+    monkeypatch.delenv("MPNN_MIRROR")
+    assert dl.mirrors_for("fashion-mnist") == list(dl.MIRRORS["fashion-mnist"])
+
+
+def test_checksum_table_is_well_formed():
+    for name, files in dl.FILES.items():
+        assert set(files) == {f"{stem}.gz" for stem in ("train-images-idx3-ubyte",
+                                                        "train-labels-idx1-ubyte",
+                                                        "t10k-images-idx3-ubyte",
+                                                        "t10k-labels-idx1-ubyte")}, name
+        for sha in files.values():
+            assert len(sha) == 64 and int(sha, 16) >= 0
