@@ -34,6 +34,9 @@ from .model import HIDDEN_ACTIVATIONS, MLP, Context
 from .optim import OPTIMIZERS, make_optimizer
 from .parallel.data_parallel import GradientSync
 from .parallel.grid import GridError, make_grid
+from .parallel.partition import format_partition, partition_layers
+from .parallel.pipeline import (PipelineConfigError, PipelineEngine, add_pipeline_options,
+                                check_pipeline_config)
 from .threads import configure_threads
 
 LOSSES = ("cross_entropy", "mse")
@@ -112,15 +115,21 @@ def build_parser():
     a("--save", default=None, metavar="PATH", help="write the trained weights (.npz, no pickle)")
     a("--metrics", default=None, metavar="PATH", help="append one JSON line per epoch")
     a("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_pipeline_options(p)  # --pp --dp --micro-batches --schedule --partition
     return p
 
 
 def validate(args, world_size):
     """Raise ConfigError for option combinations that cannot work (same on every rank)."""
-    if args.batch_size < world_size:
+    if args.pp == 1 and args.batch_size < world_size:
         raise ConfigError(f"--batch-size {args.batch_size} is smaller than the {world_size} "
                           f"ranks: every rank needs at least one row of each global batch; "
                           f"use --batch-size >= {world_size} or fewer ranks")
+    try:  # grid, stages, partition and micro-batches (pipeline.py)
+        check_pipeline_config(world_size, args.dp, args.pp, len(args.hidden) + 1,
+                              args.batch_size, args.micro_batches, args.partition)
+    except PipelineConfigError as e:
+        raise ConfigError(str(e)) from None
     if args.lr is not None and args.lr == 0:
         raise ConfigError("--lr 0 would not train; give a positive learning rate")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
@@ -216,6 +225,14 @@ class DataParallelEngine:
 # ------------------------------------------------------------------ helpers
 
 
+def make_engine(args, grid, model):
+    """A data-parallel replica of the whole model, or this rank's pipeline stage."""
+    if grid is None or grid.pp == 1:
+        return DataParallelEngine(model, args.loss, grid.dp_comm if grid is not None else None)
+    stages = partition_layers(model.sizes, grid.pp, args.partition)
+    return PipelineEngine(model, args.loss, grid, args.schedule, args.micro_batches, stages)
+
+
 def _sum_over(comm, values):
     """Element-wise float64 sum of ``values`` over ``comm`` (serial: unchanged)."""
     buf = np.asarray(values, dtype=np.float64)
@@ -257,7 +274,7 @@ def setup(args, comm):
     world = comm.Get_size() if comm is not None else 1
     validate(args, world)
     try:
-        grid = make_grid(comm, pp=1) if comm is not None else None
+        grid = make_grid(comm, dp=args.dp, pp=args.pp) if comm is not None else None
     except GridError as e:
         raise ConfigError(str(e)) from None
     threads, warning = configure_threads(comm, args.threads)
@@ -266,7 +283,10 @@ def setup(args, comm):
                         progress=not args.quiet and (comm is None or comm.Get_rank() == 0))
     ops = get_ops(args.backend)
     sizes = [data.n_features, *args.hidden, data.num_classes]
-    model = MLP(sizes, args.activation, dtype, args.seed, ops=ops)
+    layers = None  # a pipeline stage holds only its layers (same initial values as serial)
+    if grid is not None and grid.pp > 1:
+        layers = partition_layers(sizes, grid.pp, args.partition)[grid.pp_rank]
+    model = MLP(sizes, args.activation, dtype, args.seed, layers=layers, ops=ops)
     if args.init:
         model.load_state_dict(load_weights(args.init), source=f"--init {args.init}")
     return grid, data, model, threads, warning
@@ -278,7 +298,7 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
     dp, dp_rank = (grid.dp, grid.dp_rank) if grid is not None else (1, 0)
     rank = comm.Get_rank() if comm is not None else 0
     ops = model.ops
-    engine = DataParallelEngine(model, args.loss, dp_comm)
+    engine = make_engine(args, grid, model)
     check_replicas_agree(dp_comm, model.flat)
     base_lr = default_lr(args)
     opt = make_optimizer(args.optimizer, model.flat, ops, base_lr, args.momentum,
@@ -310,7 +330,8 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
         test_loss, correct = engine.evaluate(x_test, y_test)
-        totals = _sum_over(dp_comm, [loss_sum, test_loss, correct])
+        # summed over all ranks: in a pipeline only the last stages hold nonzero counts
+        totals = _sum_over(comm, [loss_sum, test_loss, correct])
         record = {
             "epoch": epoch,
             "train_loss": totals[0] / n,
@@ -321,6 +342,8 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
             "lr": lr_at(args, base_lr, step, total_steps),
             "ranks": comm.Get_size() if comm is not None else 1,
         }
+        if isinstance(engine, PipelineEngine):  # collective: every stage's busy/idle seconds
+            record.update(engine.stage_times(grid.world))
         history.append(record)
         if rank == 0:
             if args.metrics:
@@ -331,8 +354,14 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
                     f"test_loss {record['test_loss']:.4f}  "
                     f"test_acc {record['test_accuracy']:.4f}  "
                     f"{record['samples_per_s']:,.0f} samples/s  ({epoch_time:.2f} s)")
+                if "bubble" in record:
+                    log("          stage busy/idle s: " + "  ".join(
+                        f"{b:.2f}/{i:.2f}" for b, i in zip(record["stage_busy_s"],
+                                                           record["stage_idle_s"]))
+                        + f"  bubble {record['bubble']:.3f}")
+    state = engine.state_dict() if args.save else None  # a pipeline gathers it to rank 0
     if args.save and rank == 0:
-        save_weights(args.save, engine.state_dict())
+        save_weights(args.save, state)
         if not args.quiet:
             log(f"saved weights to {args.save}")
     return history
@@ -394,6 +423,11 @@ def main(argv=None):
               f"MLP {'-'.join(map(str, model.sizes))} {args.activation}, {args.optimizer} "
               f"lr {default_lr(args)}, batch {args.batch_size}, {world} rank(s) x "
               f"{threads} thread(s), {model.ops.name} backend, {args.dtype}", flush=True)
+        if grid is not None and grid.pp > 1:
+            stages = partition_layers(model.sizes, grid.pp, args.partition)
+            print(f"mpnn: pipeline dp {grid.dp} x pp {grid.pp}, {args.schedule} schedule, "
+                  f"{args.micro_batches} micro-batch(es), layers per stage "
+                  f"{format_partition(stages)}", flush=True)
     # Phase 2: training. An exception on any rank aborts the whole job.
     try:
         train(args, comm, grid, data, model)

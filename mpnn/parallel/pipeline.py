@@ -1,0 +1,338 @@
+"""Pipeline parallelism: run one stage's schedule with non-blocking Send/Recv.
+
+Each rank of a pipeline holds a contiguous range of the MLP's layers (a stage
+``MLP(..., layers=range(a, b))``, which starts from exactly the serial
+weights). A training step cuts this replica's rows of the global batch into
+``m`` micro-batches (as even as possible, the first ``rows % m`` one row
+larger; every stage computes the same split, so a receiver always knows how
+many rows arrive) and runs the stage's action list from ``schedules.py``
+through a dispatch table::
+
+    RecvAct k   wait for micro-batch k's input         (Irecv posted at step start)
+    Forward k   h_out = stage(h_in); the last stage computes the loss and
+                dL/dlogits · 1/global_batch right away (the only place the
+                batch mean enters: ``scale`` from the caller)
+    SendAct k   Isend h_out to the next stage           (buffer kept until done)
+    RecvGrad k  wait for dL/dh_out of micro-batch k
+    Backward k  accumulate this stage's parameter gradients, dL/dh_in
+    SendGrad k  Isend dL/dh_in to the previous stage
+    Step        all gradients are final: finish the sends, sum over replicas
+
+Messages travel on the pipeline communicator with tag ``2k`` (activations)
+and ``2k + 1`` (gradients), so every receive names exactly the message it
+wants. Only uppercase, buffer-based mpi4py calls; every receive buffer is
+preallocated from the layer sizes and the micro-batch rows.
+
+Shapes: B rows of a micro-batch, I = sizes[start] (stage input),
+O = sizes[stop] (stage output).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..data.batching import batch_bounds, share_bounds
+from ..model import Context
+from ..params import Layout
+from .data_parallel import GradientSync
+from .grid import GridError, grid_shape
+from .partition import PartitionError, check_stages, parse_partition
+from .schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
+                        make_schedule, simulate)
+
+EVAL_TAG = 1 << 20  # above any 2k+1 of a training step
+STATE_TAG = EVAL_TAG + 1
+
+
+class PipelineConfigError(ValueError):
+    """A --pp / --dp / --micro-batches / --partition combination that cannot run."""
+
+
+def add_pipeline_options(parser):
+    """The model-parallel options of ``python -m mpnn.train``."""
+    a = parser.add_argument
+    a("--pp", type=int, default=1, help="pipeline stages per replica (default 1)")
+    a("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / --pp)")
+    a("--micro-batches", type=int, default=1,
+      help="micro-batches per global batch and replica in the pipeline (default 1)")
+    a("--schedule", default="1f1b", choices=list(SCHEDULES),
+      help="pipeline schedule (default 1f1b); see python -m mpnn.schedule")
+    a("--partition", default=None, metavar="N1,N2,...",
+      help="layers per stage, e.g. 2,1,1 (default: balance the estimated cost)")
+
+
+def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, partition=None):
+    """Validate the grid and pipeline options before any message (same answer on every rank).
+
+    world ranks must be dp x pp; every stage needs a layer; a ``--partition``
+    must list pp positive counts summing to the layers; a full global batch
+    must give every replica at least one row per micro-batch. (A last partial
+    batch too small for that runs with some empty micro-batches: the schedule
+    stays the same and an empty micro-batch contributes nothing.)
+    Returns (dp, pp). Raises PipelineConfigError.
+    """
+    try:
+        dp, pp = grid_shape(world, dp, pp)
+        check_stages(n_layers, pp)
+        if partition:
+            parse_partition(partition, n_layers, pp)
+    except (GridError, PartitionError) as e:
+        raise PipelineConfigError(str(e)) from None
+    if micro_batches < 1:
+        raise PipelineConfigError(f"--micro-batches must be a positive integer (got {micro_batches})")
+    if pp == 1 and micro_batches > 1:
+        raise PipelineConfigError("--micro-batches splits the batch between pipeline stages: "
+                                  "use it with --pp 2 or more")
+    smallest = batch_size // dp
+    if smallest < micro_batches:
+        raise PipelineConfigError(
+            f"--batch-size {batch_size} over {dp} data-parallel replica(s) gives a replica "
+            f"{smallest} row(s) per step, fewer than --micro-batches {micro_batches}: every "
+            f"micro-batch needs at least one row; use --batch-size >= {dp * micro_batches} "
+            f"or fewer micro-batches")
+    return dp, pp
+
+
+class _MicroBatch:
+    """One micro-batch's activations (a model Context) and the sends reading from them."""
+
+    def __init__(self):
+        self.ctx = Context()
+        self.requests = []  # Isend requests whose buffers live in ctx
+
+
+class PipelineEngine:
+    """Runs this rank's stage of a pipeline schedule; the engine of ``mpnn.train``.
+
+    model       the stage's ``MLP(..., layers=stages[pp_rank])``
+    loss        loss name (the last stage computes it)
+    grid        the process grid (pp_comm: the pipeline; dp_comm: the same stage's replicas)
+    schedule    naive | gpipe | 1f1b
+    stages      layer range of every stage (rank 0 needs them to gather the model)
+    """
+
+    def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None):
+        self.model, self.loss, self.ops = model, loss, model.ops
+        self.comm = grid.pp_comm
+        self.dp_rank = grid.dp_rank
+        self.stage, self.p, self.m = grid.pp_rank, grid.pp, int(micro_batches)
+        self.stages = list(stages) if stages is not None else None
+        self.is_first, self.is_last = self.stage == 0, self.stage == self.p - 1
+        plan = make_schedule(schedule, self.p, self.m)
+        sim = simulate(plan, raise_on_deadlock=True)
+        self.actions = plan[self.stage]
+        self.expected_peak_live = sim.peak_live[self.stage]
+        self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
+        self.dispatch = {Forward: self._forward, Backward: self._backward,
+                         SendAct: self._send_act, RecvAct: self._recv_act,
+                         SendGrad: self._send_grad, RecvGrad: self._recv_grad, Step: self._step}
+        xp, dt = self.ops.xp, model.dtype
+        I, O = model.in_features, model.out_features
+        # per micro-batch receive buffers (rows grow on demand): inputs and dL/d(outputs)
+        self._act_in = [xp.empty((0, I), dt) for _ in range(self.m)]  # (B, I)
+        self._grad_in = [xp.empty((0, O), dt) for _ in range(self.m)]  # (B, O)
+        self._free = []  # recycled _MicroBatch objects
+        self._live = {}  # micro-batch -> _MicroBatch between its Forward and Backward
+        self._grad_out = {}  # micro-batch -> _MicroBatch whose dL/dh_in awaits SendGrad
+        self._recv = {}  # ("act"|"grad", k) -> Irecv request
+        self.peak_live = 0  # most micro-batches alive at once in the last step
+        self.busy_s = self.idle_s = self.sync_s = 0.0
+
+    # ------------------------------------------------------------- one step
+
+    def train_step(self, x, labels, scale):
+        """One global batch: x (b, I0) and labels (b,) are this replica's rows.
+
+        Leaves the gradient of the global-batch mean loss in the stage's flat
+        gradient buffer (summed over replicas); returns the loss sum of these
+        rows on the last stage and 0.0 on the others.
+        """
+        self.model.zero_grad()
+        b = int(x.shape[0])
+        self._bounds = [share_bounds(b, k, self.m) for k in range(self.m)]
+        self._x, self._labels, self._scale = x, labels, scale
+        self._loss_sum = 0.0
+        self.peak_live = 0
+        self._post_receives()
+        for action in self.actions:
+            self.dispatch[type(action)](action)
+        assert not self._live and not self._recv, "schedule left work behind"
+        assert self.peak_live == self.expected_peak_live, \
+            f"stage {self.stage}: {self.peak_live} live micro-batches, simulator says {self.expected_peak_live}"
+        return self._loss_sum
+
+    def _rows(self, k):
+        lo, hi = self._bounds[k]
+        return hi - lo
+
+    def _buffer(self, pool, k, rows):
+        """Rows [0, rows) of micro-batch k's receive buffer (contiguous)."""
+        if pool[k].shape[0] < rows:
+            pool[k] = self.ops.xp.empty((rows, pool[k].shape[1]), self.model.dtype)
+        return pool[k][:rows]
+
+    def _post_receives(self):
+        """Post every receive of the step up front into its preallocated buffer."""
+        for a in self.actions:
+            if isinstance(a, RecvAct):
+                buf = self._buffer(self._act_in, a.mb, self._rows(a.mb))
+                self._recv["act", a.mb] = self.comm.Irecv(buf, source=self.stage - 1, tag=2 * a.mb)
+            elif isinstance(a, RecvGrad):
+                buf = self._buffer(self._grad_in, a.mb, self._rows(a.mb))
+                self._recv["grad", a.mb] = self.comm.Irecv(buf, source=self.stage + 1,
+                                                           tag=2 * a.mb + 1)
+
+    def _wait(self, requests, timed=True):
+        """Wait for requests; the time counts as this stage's idle time."""
+        t0 = time.perf_counter()
+        for req in requests:
+            req.Wait()
+        if timed:
+            self.idle_s += time.perf_counter() - t0
+
+    # ---------------------------------------------------- the dispatch table
+
+    def _recv_act(self, a):
+        self._wait([self._recv.pop(("act", a.mb))])
+
+    def _recv_grad(self, a):
+        self._wait([self._recv.pop(("grad", a.mb))])
+
+    def _forward(self, a):
+        k = a.mb
+        lo, hi = self._bounds[k]
+        x = self._x[lo:hi] if self.is_first else self._act_in[k][:hi - lo]  # (B, I)
+        mb = self._free.pop() if self._free else _MicroBatch()
+        self._wait(mb.requests)  # its previous sends must be done before reuse
+        mb.requests.clear()
+        t0 = time.perf_counter()
+        out = self.model.forward(x, mb.ctx)  # (B, O)
+        if self.is_last and hi > lo:
+            dlogits = self._buffer(self._grad_in, k, hi - lo)  # (B, C)
+            self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi], self._scale, dlogits)
+        self.busy_s += time.perf_counter() - t0
+        self._live[k] = mb
+        self.peak_live = max(self.peak_live, len(self._live))
+
+    def _send_act(self, a):
+        mb = self._live[a.mb]
+        out = mb.ctx.outputs[self.model.layers.stop - 1]  # (B, O), read by Backward too
+        self.ops.synchronize()
+        mb.requests.append(self.comm.Isend(out, dest=self.stage + 1, tag=2 * a.mb))
+
+    def _backward(self, a):
+        k = a.mb
+        mb = self._live.pop(k)
+        dout = self._grad_in[k][:self._rows(k)]  # (B, O), received or from the loss
+        t0 = time.perf_counter()
+        if self._rows(k):
+            self.model.backward(dout, mb.ctx, need_input_grad=not self.is_first)
+        self.busy_s += time.perf_counter() - t0
+        if self.is_first:
+            self._free.append(mb)  # activations released right after the backward
+        else:
+            self._grad_out[k] = mb  # released once SendGrad has its buffer
+
+    def _send_grad(self, a):
+        mb = self._grad_out.pop(a.mb)
+        rows = self._rows(a.mb)
+        start = self.model.layers.start
+        dh = mb.ctx.grads[start][:rows] if rows else \
+            self.ops.xp.empty((0, self.model.in_features), self.model.dtype)  # (B, I)
+        self.ops.synchronize()
+        mb.requests.append(self.comm.Isend(dh, dest=self.stage - 1, tag=2 * a.mb + 1))
+        self._free.append(mb)  # reused only after its requests complete (see _forward)
+
+    def _step(self, a):
+        for mb in self._free:
+            self._wait(mb.requests)
+            mb.requests.clear()
+        t0 = time.perf_counter()
+        self.sync.allreduce()
+        self.sync_s += time.perf_counter() - t0
+
+    # ----------------------------------------------------------- evaluation
+
+    def evaluate(self, x, labels, chunk=2048):
+        """Forward-only through the pipeline over this replica's rows x (n, I0).
+
+        Chunks flow stage to stage (the next chunk's forward overlaps the
+        previous chunk's send). Returns (loss_sum, n_correct) on the last
+        stage, (0.0, 0) on the others.
+        """
+        loss_sum, correct = 0.0, 0
+        slots = [_MicroBatch(), _MicroBatch()]  # double-buffered outputs
+        inbuf = self.ops.xp.empty((min(chunk, x.shape[0]), self.model.in_features), self.model.dtype)
+        for j, (lo, hi) in enumerate(batch_bounds(x.shape[0], chunk)):
+            if self.is_first:
+                h = x[lo:hi]
+            else:
+                h = inbuf[:hi - lo]
+                self.comm.Recv(h, source=self.stage - 1, tag=EVAL_TAG)
+            slot = slots[j % 2]
+            self._wait(slot.requests, timed=False)
+            slot.requests.clear()
+            out = self.model.forward(h, slot.ctx)  # (B, O)
+            if self.is_last:
+                l, c = self.ops.predict_stats(out, labels[lo:hi], self.loss)
+                loss_sum, correct = loss_sum + l, correct + c
+            else:
+                self.ops.synchronize()
+                slot.requests.append(self.comm.Isend(out, dest=self.stage + 1, tag=EVAL_TAG))
+        for slot in slots:
+            self._wait(slot.requests, timed=False)
+        return loss_sum, correct
+
+    # -------------------------------------------------------------- weights
+
+    def state_dict(self):
+        """The whole model's named tensors on the replica-0 first stage ({} elsewhere).
+
+        Collective over the pipeline of replica 0: every later stage Sends its
+        flat parameter buffer; the first stage knows each stage's layer range,
+        so it rebuilds the layout and receives into an array of the right size.
+        """
+        if self.dp_rank != 0:
+            return {}
+        if not self.is_first:
+            self.ops.synchronize()
+            data = np.ascontiguousarray(self.ops.to_host(self.model.flat.data))
+            self.comm.Send(data, dest=0, tag=STATE_TAG)
+            return {}
+        state = self.model.state_dict()
+        for s in range(1, self.p):
+            layout = Layout(self.model.sizes, self.stages[s])
+            buf = np.empty(layout.numel, dtype=self.model.dtype)
+            self.comm.Recv(buf, source=s, tag=STATE_TAG)
+            state.update({name: v.copy() for name, v in layout.views(buf).items()})
+        return state
+
+    # -------------------------------------------------------------- metrics
+
+    def stage_times(self, world):
+        """Per-stage busy / idle / gradient-sync seconds since the last call.
+
+        Collective over ``world`` (all ranks of the grid); each stage's times
+        are averaged over its replicas. Also the measured bubble: the idle
+        fraction of busy + idle over all stages.
+        """
+        mine = np.array([self.stage, self.busy_s, self.idle_s, self.sync_s], dtype=np.float64)
+        self.busy_s = self.idle_s = self.sync_s = 0.0
+        every = np.empty((world.Get_size(), 4), dtype=np.float64)
+        world.Allgather(mine, every)
+        busy, idle, sync = (np.zeros(self.p) for _ in range(3))
+        count = np.zeros(self.p)
+        for stage, b, i, s in every:
+            st = int(stage)
+            busy[st] += b
+            idle[st] += i
+            sync[st] += s
+            count[st] += 1
+        busy, idle, sync = busy / count, idle / count, sync / count
+        total = busy.sum() + idle.sum()
+        return {"stage_busy_s": busy.round(6).tolist(), "stage_idle_s": idle.round(6).tolist(),
+                "stage_sync_s": sync.round(6).tolist(),
+                "bubble": float(idle.sum() / total) if total else 0.0}
+

@@ -1,0 +1,191 @@
+"""Pipeline (and DP x PP) training equals serial training.
+
+For the same seed and global batch, 2- and 4-stage pipelines and a 2 x 2
+DP x PP grid, under every schedule, must end with the weights of a serial run
+(float64: max abs difference <= 1e-9), the last partial batch included; the
+``--save`` file holds the whole model, gathered from the stages, in exactly the
+serial format. Run with::
+
+    mpirun -n 4 python -m pytest --with-mpi tests/test_pipeline_mpi.py
+
+Tests needing fewer ranks than the job has split COMM_WORLD and leave the
+other ranks out. The last tests here run without MPI (the serial pass).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpnn.parallel.pipeline import PipelineConfigError, check_pipeline_config
+from mpnn.train import build_parser, load_weights, setup, train
+
+# digits: 1437 training rows; --batch-size 100 leaves a last batch of 37 rows, which
+# 2 replicas share as 19 + 18 and 4 micro-batches split as 5, 5, 5, 4.
+BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch-size", "100",
+        "--dtype", "float64", "--quiet", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.2"]
+SCHEDULES = ["naive", "gpipe", "1f1b"]
+_serial_cache = {}
+
+
+def sub_world(ranks):
+    """A communicator of the first ``ranks`` world ranks (None on the others)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    inside = world.Get_rank() < ranks
+    sub = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
+    return sub if inside else None
+
+
+def run_training(argv, comm):
+    args = build_parser().parse_args(argv)
+    grid, data, model, _, _ = setup(args, comm)
+    history = train(args, comm, grid, data, model, log=lambda *a: None)
+    return model.state_dict(), history, grid
+
+
+def serial(argv):
+    key = tuple(argv)
+    if key not in _serial_cache:
+        _serial_cache[key] = run_training(list(argv), None)[:2]
+    return _serial_cache[key]
+
+
+def check_against_serial(comm, argv, tmp_path, pipe):
+    """Train with ``pipe`` options on ``comm``; compare stage weights, saved file, metrics."""
+    save, metrics = tmp_path / "pipe.npz", tmp_path / "pipe.jsonl"
+    stage, hist_pipe, grid = run_training(argv + pipe + ["--save", str(save),
+                                                         "--metrics", str(metrics)], comm)
+    ref, hist_ref = serial(argv)
+    # every rank: its stage's tensors equal the serial model's
+    for name, value in stage.items():
+        diff = np.max(np.abs(value - ref[name]))
+        assert diff <= 1e-9, f"{name} on stage {grid.pp_rank}, replica {grid.dp_rank}: {diff:.3e}"
+    # the weights moved, so the comparison is not vacuous
+    args = build_parser().parse_args(argv)
+    init = setup(args, None)[2].state_dict()
+    assert not np.allclose(ref["layers.0.weight"], init["layers.0.weight"])
+    # metrics reduced over the pipeline's last stages equal the serial ones, on every rank
+    for a, b in zip(hist_pipe, hist_ref):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-12)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
+        assert len(a["stage_busy_s"]) == len(a["stage_idle_s"]) == grid.pp
+        assert 0.0 <= a["bubble"] < 1.0
+    if comm.Get_rank() == 0:  # --save: the whole model, in the serial format
+        saved = load_weights(save)
+        assert list(saved) == list(ref)
+        for name in ref:
+            assert saved[name].shape == ref[name].shape and saved[name].dtype == ref[name].dtype
+            assert np.max(np.abs(saved[name] - ref[name])) <= 1e-9, name
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert [r["epoch"] for r in lines] == [1, 2] and "stage_idle_s" in lines[0]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_two_stages_match_serial(schedule, tmp_path):
+    comm = sub_world(2)
+    if comm is None:
+        return
+    check_against_serial(comm, BASE, tmp_path,
+                         ["--pp", "2", "--micro-batches", "4", "--schedule", schedule])
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_four_stages_match_serial(schedule, tmp_path):
+    comm = sub_world(4)
+    if comm is None:
+        return
+    check_against_serial(comm, BASE, tmp_path,
+                         ["--pp", "4", "--micro-batches", "3", "--schedule", schedule,
+                          "--partition", "1,1,1,1"])
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_dp_x_pp_matches_serial(schedule, tmp_path):
+    comm = sub_world(4)
+    if comm is None:
+        return
+    check_against_serial(comm, BASE, tmp_path,
+                         ["--dp", "2", "--pp", "2", "--micro-batches", "4", "--schedule", schedule,
+                          "--partition", "3,1"])
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+def test_empty_micro_batches_in_a_tiny_last_batch(tmp_path):
+    # --batch-size 718: the last global batch has 1 row; over 2 replicas and 4
+    # micro-batches, seven of the eight micro-batches of that step are empty.
+    comm = sub_world(4)
+    if comm is None:
+        return
+    argv = [a if a != "100" else "718" for a in BASE]
+    check_against_serial(comm, argv, tmp_path,
+                         ["--dp", "2", "--pp", "2", "--micro-batches", "4", "--schedule", "1f1b"])
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_executor_live_micro_batches_match_simulator(schedule):
+    from mpnn.parallel.pipeline import PipelineEngine
+    from mpnn.parallel.schedules import make_schedule, simulate
+
+    comm = sub_world(4)
+    if comm is None:
+        return
+    p, m = 4, 6
+    args = build_parser().parse_args(BASE + ["--pp", "4", "--micro-batches", str(m)])
+    grid, data, model, _, _ = setup(args, comm)
+    stages = [range(i, i + 1) for i in range(4)]
+    engine = PipelineEngine(model, "cross_entropy", grid, schedule, m, stages)
+    engine.train_step(data.x_train[:50], data.y_train[:50], 1 / 50)
+    expected = m if schedule == "gpipe" else min(p - grid.pp_rank, m)
+    assert engine.peak_live == expected == simulate(make_schedule(schedule, p, m)).peak_live[grid.pp_rank]
+    comm.Free()
+
+
+# ------------------------------------------------------------ without MPI
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(world=4, dp=None, pp=3), "cannot be split into pipelines"),
+    (dict(world=4, dp=3, pp=2), "mpirun -n 6"),
+    (dict(world=5, dp=None, pp=5), "more pipeline stages than the model has"),
+    (dict(world=4, dp=2, pp=2, batch_size=7), "fewer than --micro-batches 4"),
+    (dict(world=2, dp=None, pp=2, partition="2,1"), "must sum to 4"),
+    (dict(world=2, dp=None, pp=1, micro_batches=2), "use it with --pp 2"),
+])
+def test_config_errors(kwargs, match):
+    cfg = dict(n_layers=4, batch_size=100, micro_batches=4, partition=None) | kwargs
+    with pytest.raises(PipelineConfigError, match=match):
+        check_pipeline_config(cfg["world"], cfg["dp"], cfg["pp"], cfg["n_layers"],
+                              cfg["batch_size"], cfg["micro_batches"], cfg["partition"])
+
+
+def test_config_ok():
+    assert check_pipeline_config(4, None, 2, 4, 8, 4) == (2, 2)
+
+
+@pytest.mark.skipif(os.environ.get("PMI_RANK") is not None, reason="spawns its own mpirun")
+def test_cli_errors_are_collective_and_clear():
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [mpirun, "-n", "2", sys.executable, "-m", "mpnn.train", "--dataset", "digits",
+           "--hidden", "16", "--epochs", "1", "--quiet", "--pp", "3"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2
+    out = p.stdout + p.stderr
+    assert out.count("cannot be split into pipelines of --pp 3 stages") == 1, out
+    p = subprocess.run(cmd[:-1] + ["2", "--micro-batches", "200"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "fewer than --micro-batches 200" in p.stdout + p.stderr
