@@ -113,8 +113,8 @@ def act_bias_backward(dy, y, db, code):
 def softmax_xent(logits, labels, scale, out, write_grad):
     """Σ_i (lse_i − z_{i,y_i}) and, if write_grad, out = scale·(softmax − onehot).
 
-    logits, out (B, C); labels (B,). Per row, one pass for the max, one for
-    Σ exp(z − m), one writing the gradient. Also returns the number of rows
+    logits, out (B, C); labels (B,). Per row: one pass for the max (and
+    argmax), one storing e^(z − m) into out while summing it, one scaling. Also returns the number of rows
     whose argmax (first maximum, as np.argmax) equals the label, and -1 in
     place of that count when a label is outside [0, C).
     """
@@ -133,15 +133,19 @@ def softmax_xent(logits, labels, scale, out, write_grad):
                 arg = c
         correct += arg == y
         s = logits.dtype.type(0)
-        for c in range(C):
-            s += np.exp(logits[i, c] - m)
-        log_s = np.log(s)
-        loss += float(m) + float(log_s) - float(logits[i, y])
-        if write_grad:
+        if write_grad:  # keep e^(z − m) in out, then scale it: one exp per logit
+            for c in range(C):
+                e = np.exp(logits[i, c] - m)
+                out[i, c] = e
+                s += e
             inv = scale / s
             for c in range(C):
-                out[i, c] = np.exp(logits[i, c] - m) * inv
+                out[i, c] *= inv
             out[i, y] -= scale
+        else:
+            for c in range(C):
+                s += np.exp(logits[i, c] - m)
+        loss += float(m) + float(np.log(s)) - float(logits[i, y])
     return loss, correct
 
 
@@ -234,10 +238,7 @@ def adam_update(p, g, m, v, lr_t, beta1, beta2, c1, c2, inv_bc2, eps, decay, tin
 # ------------------------------------------------------------------ the op set
 
 
-def _gemm_for(dtype):
-    from scipy.linalg import blas
-
-    return {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}.get(np.dtype(dtype))
+_GEMM = {}  # dtype -> SciPy's Fortran BLAS ?gemm, filled by NumbaOps()
 
 
 class NumbaOps:
@@ -269,7 +270,7 @@ class NumbaOps:
 
     def weight_grad(self, x, dz, dW):
         """dW += xᵀ·dz: x (B, I), dz (B, O) -> dW (I, O), accumulated by BLAS (beta = 1)."""
-        gemm = _gemm_for(dW.dtype)
+        gemm = _GEMM.get(dW.dtype)
         if (gemm is None or not dW.flags.c_contiguous or x.dtype != dW.dtype
                 or dz.dtype != dW.dtype):
             dW += x.T @ dz  # unusual layout or mixed dtypes: the reference path
@@ -347,7 +348,9 @@ def _load_scipy_blas_with_numpy_threads():
     from threadpoolctl import threadpool_info, threadpool_limits
 
     before = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    import scipy.linalg.blas  # noqa: F401  (loads the library)
+    from scipy.linalg import blas
 
+    _GEMM[np.dtype(np.float32)] = blas.sgemm
+    _GEMM[np.dtype(np.float64)] = blas.dgemm
     if before:
         threadpool_limits(limits=min(before), user_api="blas")

@@ -5,9 +5,16 @@ already scaled by ``1/global_batch`` (the loss's ``scale``), so the SUM over
 replicas is the gradient of the global-batch mean: one buffer-based
 ``Allreduce`` in place over the contiguous gradient buffer. With one replica
 the sync is a no-op.
+
+    GradientSync          one blocking Allreduce after backward
+    BucketedGradientSync  contiguous buckets in reverse layer order, each an
+                          Iallreduce started as soon as backward finishes its
+                          layers (overlapped with the rest of backward)
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 
 class GradientSync:
@@ -35,3 +42,143 @@ class GradientSync:
     def wait(self):
         """Finish the sum (blocking variant: do it all now)."""
         self.allreduce()
+
+
+class BucketedGradientSync:
+    """Overlapped, bucketed gradient sum: communication hidden behind backward.
+
+    The flat gradient buffer is cut into contiguous buckets of whole layers,
+    walked in *reverse* layer order (the last layers sit at the end of the
+    buffer, and backward finishes them first), each at least ``bucket_mb``
+    megabytes unless it is the last. When backward reports (``on_layer_done``)
+    the lowest layer of a bucket, every layer of that bucket is final, so its
+    non-blocking ``Iallreduce(IN_PLACE)`` starts at once and runs while
+    backward computes the earlier layers. ``wait`` starts any bucket not yet
+    started and completes them all: call it before the optimizer step.
+
+    Same interface as ``GradientSync`` (``allreduce``, ``on_layer_done``,
+    ``wait``) and the same result: each element is summed over the same
+    replicas in the same way whatever bucket holds it. With gradient
+    accumulation over micro-batches, pass ``on_layer_done`` only to the last
+    micro-batch's backward (or to none: ``wait`` then sums everything).
+
+    Requests and the bucket views stay referenced until their request is
+    complete. With a device (CuPy) buffer the stream is synchronized before
+    MPI touches a bucket; an MPI library that is not CUDA-aware gets the
+    bucket through a host copy.
+    """
+
+    def __init__(self, comm, grad, layout, bucket_mb=2.0, ops=None):
+        if bucket_mb <= 0:
+            raise ValueError(f"--bucket-mb must be positive, got {bucket_mb}")
+        self.comm = comm if comm is not None and comm.Get_size() > 1 else None
+        self.grad = grad
+        self.ops = ops
+        self.buckets = make_buckets(layout, grad.dtype.itemsize, bucket_mb)
+        # a bucket is ready when its lowest layer (the last one backward reaches) is done
+        self._bucket_of_layer = {b.layers[-1]: k for k, b in enumerate(self.buckets)}
+        self._requests = [None] * len(self.buckets)
+        self._host = None
+        self._device = False
+        if self.comm is not None:
+            self._device = not isinstance(grad, np.ndarray)
+            if self._device and not _mpi_cuda_aware():
+                self._host = np.empty(grad.shape, dtype=grad.dtype)
+
+    # ------------------------------------------------------------- interface
+
+    def on_layer_done(self, layer):
+        """Called by ``MLP.backward`` when ``layer``'s gradients are final."""
+        if self.comm is None:
+            return
+        k = self._bucket_of_layer.get(layer)
+        if k is not None and self._requests[k] is None:
+            self._start(k)
+        self._progress()
+
+    def wait(self):
+        """Start the buckets not started yet, then complete every request."""
+        if self.comm is None:
+            return
+        from mpi4py import MPI
+
+        for k in range(len(self.buckets)):
+            if self._requests[k] is None:
+                self._start(k)
+        MPI.Request.Waitall(self._requests)
+        if self._host is not None:
+            for b in self.buckets:
+                self.grad[b.start:b.stop].set(self._host[b.start:b.stop])
+        self._requests = [None] * len(self.buckets)
+
+    def allreduce(self):
+        """grad ← Σ_replicas grad, in place (blocking: all buckets now)."""
+        self.wait()
+
+    # -------------------------------------------------------------- helpers
+
+    def _start(self, k):
+        from mpi4py import MPI
+
+        b = self.buckets[k]
+        if self._device:
+            self.ops.synchronize()  # the bucket's gradient kernels must have finished
+        if self._host is not None:
+            buf = self._host[b.start:b.stop]
+            self.grad[b.start:b.stop].get(out=buf)
+        else:
+            buf = self.grad[b.start:b.stop]
+        self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    def _progress(self):
+        """Let MPI advance the started requests (MPICH progresses non-blocking
+        collectives only inside MPI calls, so poke it between layers)."""
+        from mpi4py import MPI
+
+        started = [r for r in self._requests if r is not None]
+        if started:
+            MPI.Request.Testall(started)
+
+
+class Bucket:
+    """A contiguous range [start, stop) of the flat buffer holding ``layers``
+    (in the reverse order backward finishes them)."""
+
+    def __init__(self, start, stop, layers):
+        self.start, self.stop, self.layers = start, stop, tuple(layers)
+
+    def __repr__(self):
+        return f"Bucket([{self.start}, {self.stop}), layers={self.layers})"
+
+
+def make_buckets(layout, itemsize, bucket_mb):
+    """Cut ``layout``'s flat buffer into buckets of whole layers, last layer first.
+
+    Walking the layers from the last, a bucket closes once it holds at least
+    ``bucket_mb`` MB (10⁶ bytes); the buckets tile the buffer exactly.
+    """
+    limit = bucket_mb * 1e6
+    buckets, layers, start, stop = [], [], None, None
+    for i in reversed(layout.layers):
+        lo, hi = layout.layer_span(i)
+        if not layers:
+            stop = hi
+        layers.append(i)
+        start = lo
+        if (stop - start) * itemsize >= limit:
+            buckets.append(Bucket(start, stop, layers))
+            layers = []
+    if layers:
+        buckets.append(Bucket(start, stop, layers))
+    return buckets
+
+
+def _mpi_cuda_aware():
+    """Whether this MPI library takes device pointers (False when it cannot say)."""
+    from mpi4py import MPI
+
+    query = getattr(MPI, "Query_cuda_support", None)
+    try:
+        return bool(query()) if query is not None else False
+    except Exception:
+        return False
