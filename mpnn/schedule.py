@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .parallel.schedules import SCHEDULES, analytic_bubble, format_actions, make_schedule, simulate
+from .parallel.schedules import (SCHEDULES, Backward, analytic_bubble, format_actions, make_schedule,
+                                 simulate, timeline)
 
 
 def parse_args(argv=None):
@@ -26,9 +27,21 @@ def parse_args(argv=None):
     ap.add_argument("--schedule", choices=list(SCHEDULES), default="1f1b")
     ap.add_argument("--plot", metavar="FILE.png", help="also draw the grid as a Gantt chart")
     ap.add_argument("--actions", action="store_true", help="print every stage's full action list")
+    ap.add_argument("--stage-costs", metavar="C0,C1,...", default=None,
+                    help="relative forward cost of each stage (e.g. measured): also print the "
+                         "bubble of that unbalanced pipeline")
+    ap.add_argument("--backward-ratio", type=float, default=2.0,
+                    help="backward cost / forward cost with --stage-costs (default 2)")
     args = ap.parse_args(argv)
     if args.pp < 1 or args.micro_batches < 1:
         ap.error("--pp and --micro-batches must be positive integers")
+    if args.stage_costs is not None:
+        try:
+            args.stage_costs = [float(c) for c in args.stage_costs.split(",")]
+        except ValueError:
+            ap.error(f"--stage-costs {args.stage_costs}: expected comma-separated numbers")
+        if len(args.stage_costs) != args.pp or min(args.stage_costs) <= 0:
+            ap.error(f"--stage-costs needs {args.pp} positive numbers, one per stage")
     return args
 
 
@@ -84,6 +97,11 @@ def main(argv=None):
     print(f"bubble: simulated {result.bubble:.4f}   formula (p-1)/(m+p-1) = {formula:.4f}{note}")
     print("peak micro-batches in flight per stage: "
           + ", ".join(f"stage {s}: {k}" for s, k in enumerate(result.peak_live)))
+    if args.stage_costs:
+        costs, ratio = args.stage_costs, args.backward_ratio
+        tl = timeline(schedule, lambda s, a: costs[s] * (ratio if isinstance(a, Backward) else 1.0))
+        print(f"with stage costs {', '.join(f'{c:g}' for c in costs)} (backward x{ratio:g}): "
+              f"makespan {tl.makespan:.4g}, bubble {tl.bubble:.4f}")
     if args.plot:
         plot(result, f"{args.schedule}  p={p}  m={m}  bubble {result.bubble:.3f}", args.plot)
         print(f"wrote {args.plot}")

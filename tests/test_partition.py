@@ -33,7 +33,8 @@ def test_balanced_is_optimal_and_contiguous(costs):
 def test_default_mlp_split():
     sizes = [784, 256, 128, 64, 10]
     costs = layer_costs(sizes)
-    assert costs[0] == 6 * 784 * 256 + 4 * 256
+    assert costs[0] == 4 * 784 * 256 + 4 * 256  # no input gradient for layer 0
+    assert costs[1] == 6 * 256 * 128 + 4 * 128
     # the first layer dominates: it gets a stage of its own
     assert partition_layers(sizes, 2) == [range(0, 1), range(1, 4)]
     assert partition_layers(sizes, 4) == [range(i, i + 1) for i in range(4)]

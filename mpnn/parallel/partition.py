@@ -4,7 +4,8 @@ Stage s holds layers ``range(start_s, stop_s)``; the ranges cover
 ``0 .. L-1`` in order and every stage holds at least one layer. The automatic
 split balances an estimated per-layer cost, per row of the micro-batch::
 
-    cost_i = 6·I·O      (forward x·W: 2·I·O FLOPs; backward xᵀ·dz and dz·Wᵀ: 4·I·O)
+    cost_i = 6·I·O      (forward x·W: 2·I·O FLOPs; backward xᵀ·dz and dz·Wᵀ: 4·I·O;
+                         layer 0 skips dz·Wᵀ, nobody needs dL/dx: 4·I·O)
            + 4·O        (bias + activation forward, activation' + bias grad backward)
 
 for layer i with I = sizes[i] inputs and O = sizes[i+1] outputs, and picks
@@ -26,7 +27,8 @@ class PartitionError(ValueError):
 
 def layer_costs(sizes):
     """Estimated forward+backward cost of each linear layer, per row (see module doc)."""
-    return [6 * sizes[i] * sizes[i + 1] + 4 * sizes[i + 1] for i in range(len(sizes) - 1)]
+    return [(4 if i == 0 else 6) * sizes[i] * sizes[i + 1] + 4 * sizes[i + 1]
+            for i in range(len(sizes) - 1)]
 
 
 def check_stages(n_layers, pp):
