@@ -137,6 +137,8 @@ class PipelineEngine:
         self._live = {}  # micro-batch -> _MicroBatch between its Forward and Backward
         self._grad_out = {}  # micro-batch -> _MicroBatch whose dL/dh_in awaits SendGrad
         self._recv = {}  # ("act"|"grad", k) -> Irecv request
+        # the step in progress: micro-batch row bounds, inputs, labels, 1/global_batch, loss
+        self._bounds, self._x, self._labels, self._scale, self._loss_sum = [], None, None, 0.0, 0.0
         self.peak_live = 0  # most micro-batches alive at once in the last step
         self.busy_s = self.idle_s = self.sync_s = 0.0
 
