@@ -105,7 +105,7 @@ def build_parser():
     a("--weight-decay", type=_nonneg_float, default=0.0,
       help="L2 for SGD, decoupled (AdamW) for adam")
     a("--epochs", type=_positive_int, default=10)
-    a("--batch-size", type=_positive_int, default=128, help="global batch size over all replicas")
+    a("--batch-size", type=_positive_int, default=64, help="global batch size over all replicas")
     a("--seed", type=int, default=0)
     a("--dtype", default="float32", choices=("float32", "float64"))
     a("--backend", default="numpy", choices=BACKENDS, help="kernel implementation")
@@ -269,6 +269,27 @@ def lr_at(args, base_lr, step, total_steps):
 # --------------------------------------------------------------------- run
 
 
+def load_data(args, comm, dtype):
+    """Rank 0 loads (and downloads if needed) first; the others then read the
+    files it found or fetched, so a node never downloads the same file twice."""
+    rank = comm.Get_rank() if comm is not None else 0
+    load = lambda download: load_dataset(args.dataset, data_dir=args.data_dir, dtype=dtype,  # noqa: E731
+                                         download=download, progress=not args.quiet and rank == 0)
+    if comm is None or comm.Get_size() == 1:
+        return load(True)
+    data, error = None, None
+    if rank == 0:
+        try:
+            data = load(True)
+        except Exception as e:  # noqa: BLE001 - re-raised below after telling the others
+            error = e
+    if comm.bcast(error is not None, root=0):
+        if rank == 0:
+            raise error
+        raise SystemExit(2)  # rank 0 reports the problem for everyone
+    return data if rank == 0 else load(False)
+
+
 def setup(args, comm):
     """Everything before the first collective: grid, threads, data, model."""
     world = comm.Get_size() if comm is not None else 1
@@ -279,8 +300,7 @@ def setup(args, comm):
         raise ConfigError(str(e)) from None
     threads, warning = configure_threads(comm, args.threads)
     dtype = np.dtype(args.dtype)
-    data = load_dataset(args.dataset, data_dir=args.data_dir, dtype=dtype,
-                        progress=not args.quiet and (comm is None or comm.Get_rank() == 0))
+    data = load_data(args, comm, dtype)
     ops = get_ops(args.backend)
     sizes = [data.n_features, *args.hidden, data.num_classes]
     layers = None  # a pipeline stage holds only its layers (same initial values as serial)
@@ -411,7 +431,7 @@ def main(argv=None):
                 if not isinstance(e, int):
                     messages.setdefault(e, []).append(r)
             for message, ranks in messages.items():
-                where = "" if len(ranks) == len(errors) else f" (rank {', '.join(map(str, ranks))})"
+                where = "" if len(failed) == len(errors) else f" (rank {', '.join(map(str, ranks))})"
                 print(f"mpnn.train: error{where}: {message}", file=sys.stderr, flush=True)
         return 2
     grid, data, model, threads, warning = state
