@@ -344,12 +344,22 @@ class NumbaOps:
 
 def _load_scipy_blas_with_numpy_threads():
     """Load SciPy's BLAS (it may be a second OpenBLAS next to NumPy's) and give
-    it NumPy's BLAS thread count, so a limit set earlier covers it too."""
-    from threadpoolctl import threadpool_info, threadpool_limits
+    it NumPy's BLAS thread count, so a limit set earlier covers it too.
 
-    before = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    from scipy.linalg import blas
-
+    Without SciPy, ``weight_grad`` takes NumPy's path (one temporary per layer).
+    """
+    if _GEMM:
+        return
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        threadpool_info = threadpool_limits = None
+    before = [] if threadpool_info is None else [
+        i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return
     _GEMM[np.dtype(np.float32)] = blas.sgemm
     _GEMM[np.dtype(np.float64)] = blas.dgemm
     if before:
