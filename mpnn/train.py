@@ -32,7 +32,7 @@ from .data.batching import batch_bounds, epoch_permutation, share_bounds
 from .kernels import BACKENDS, get_ops
 from .model import HIDDEN_ACTIVATIONS, MLP, Context
 from .optim import OPTIMIZERS, make_optimizer
-from .parallel.data_parallel import GradientSync
+from .parallel.data_parallel import BucketedGradientSync, GradientSync
 from .parallel.grid import GridError, make_grid
 from .parallel.partition import format_partition, partition_layers
 from .parallel.pipeline import (PipelineConfigError, PipelineEngine, add_pipeline_options,
@@ -109,6 +109,9 @@ def build_parser():
     a("--seed", type=int, default=0)
     a("--dtype", default="float32", choices=("float32", "float64"))
     a("--backend", default="numpy", choices=BACKENDS, help="kernel implementation")
+    a("--bucket-mb", type=_nonneg_float, default=0.1,
+      help="data parallel: overlap the gradient Allreduce with backward in buckets of "
+           "this many MB (0 = one blocking Allreduce after backward)")
     a("--threads", type=_positive_int, default=None,
       help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
@@ -143,6 +146,12 @@ def validate(args, world_size):
                 raise ConfigError(f"{option} {path}: directory {folder} is not writable")
     if args.init and not os.path.isfile(args.init):
         raise ConfigError(f"--init {args.init}: no such file")
+    if args.backend == "cupy":
+        from .kernels.cupy_ops import gpu_available
+
+        if not gpu_available():
+            raise ConfigError("--backend cupy needs CuPy and a usable CUDA GPU, and there is "
+                              "none here; use --backend numba (or auto)")
 
 
 def default_lr(args):
@@ -185,10 +194,14 @@ class DataParallelEngine:
     the flat gradient buffer; the caller steps the optimizer.
     """
 
-    def __init__(self, model, loss, dp_comm):
+    def __init__(self, model, loss, dp_comm, bucket_mb=0.0):
         self.model, self.loss = model, loss
         self.ops = model.ops
-        self.sync = GradientSync(dp_comm, model.flat.grad, self.ops)
+        if bucket_mb > 0:  # overlapped with backward, bucket by bucket
+            self.sync = BucketedGradientSync(dp_comm, model.flat.grad, model.layout,
+                                             bucket_mb, self.ops)
+        else:
+            self.sync = GradientSync(dp_comm, model.flat.grad, self.ops)
         self.ctx = Context()
         self.dlogits = None
 
@@ -228,7 +241,8 @@ class DataParallelEngine:
 def make_engine(args, grid, model):
     """A data-parallel replica of the whole model, or this rank's pipeline stage."""
     if grid is None or grid.pp == 1:
-        return DataParallelEngine(model, args.loss, grid.dp_comm if grid is not None else None)
+        return DataParallelEngine(model, args.loss, grid.dp_comm if grid is not None else None,
+                                  args.bucket_mb)
     stages = partition_layers(model.sizes, grid.pp, args.partition)
     return PipelineEngine(model, args.loss, grid, args.schedule, args.micro_batches, stages)
 
