@@ -100,10 +100,10 @@ def numerical_grad(f, x, eps=EPS, dy=None, to_host=np.asarray):
     for idx in np.ndindex(*x.shape):
         orig = float(x[idx])
         x[idx] = orig + eps
-        plus = x[idx]
+        plus = float(x[idx])  # a copy: on CuPy, x[idx] is a 0-d view that would follow x
         f_plus = to_host(f())
         x[idx] = orig - eps
-        step = float(plus - x[idx])  # the step actually taken, ≈ 2·eps
+        step = plus - float(x[idx])  # the step actually taken, ≈ 2·eps
         f_minus = to_host(f())
         x[idx] = orig
         diff = np.asarray(f_plus, dtype=np.float64) - np.asarray(f_minus, dtype=np.float64)
