@@ -27,21 +27,24 @@ def parse_args(argv=None):
     ap.add_argument("--schedule", choices=list(SCHEDULES), default="1f1b")
     ap.add_argument("--plot", metavar="FILE.png", help="also draw the grid as a Gantt chart")
     ap.add_argument("--actions", action="store_true", help="print every stage's full action list")
-    ap.add_argument("--stage-costs", metavar="C0,C1,...", default=None,
-                    help="relative forward cost of each stage (e.g. measured): also print the "
-                         "bubble of that unbalanced pipeline")
+    ap.add_argument("--stage-costs", metavar="F0[:B0],F1[:B1],...", default=None,
+                    help="forward (and backward) cost of one micro-batch on each stage, e.g. "
+                         "measured: also print the bubble of that unbalanced pipeline")
     ap.add_argument("--backward-ratio", type=float, default=2.0,
-                    help="backward cost / forward cost with --stage-costs (default 2)")
+                    help="backward cost / forward cost where --stage-costs gives no B (default 2)")
     args = ap.parse_args(argv)
     if args.pp < 1 or args.micro_batches < 1:
         ap.error("--pp and --micro-batches must be positive integers")
     if args.stage_costs is not None:
+        text = args.stage_costs
         try:
-            args.stage_costs = [float(c) for c in args.stage_costs.split(",")]
+            pairs = [[float(v) for v in item.split(":")] for item in text.split(",")]
         except ValueError:
-            ap.error(f"--stage-costs {args.stage_costs}: expected comma-separated numbers")
-        if len(args.stage_costs) != args.pp or min(args.stage_costs) <= 0:
-            ap.error(f"--stage-costs needs {args.pp} positive numbers, one per stage")
+            ap.error(f"--stage-costs {text}: expected F or F:B numbers, comma-separated")
+        if len(pairs) != args.pp or any(len(c) not in (1, 2) or min(c) <= 0 for c in pairs):
+            ap.error(f"--stage-costs {text}: needs {args.pp} positive F or F:B entries, one per stage")
+        args.stage_costs = [(c[0], c[1] if len(c) == 2 else c[0] * args.backward_ratio)
+                            for c in pairs]
     return args
 
 
@@ -98,9 +101,9 @@ def main(argv=None):
     print("peak micro-batches in flight per stage: "
           + ", ".join(f"stage {s}: {k}" for s, k in enumerate(result.peak_live)))
     if args.stage_costs:
-        costs, ratio = args.stage_costs, args.backward_ratio
-        tl = timeline(schedule, lambda s, a: costs[s] * (ratio if isinstance(a, Backward) else 1.0))
-        print(f"with stage costs {', '.join(f'{c:g}' for c in costs)} (backward x{ratio:g}): "
+        costs = args.stage_costs
+        tl = timeline(schedule, lambda s, a: costs[s][isinstance(a, Backward)])
+        print(f"with stage costs F:B {', '.join(f'{f:g}:{b:g}' for f, b in costs)}: "
               f"makespan {tl.makespan:.4g}, bubble {tl.bubble:.4f}")
     if args.plot:
         plot(result, f"{args.schedule}  p={p}  m={m}  bubble {result.bubble:.3f}", args.plot)

@@ -149,3 +149,21 @@ def test_timeline_with_uneven_costs():
     bad[0].insert(bad[0].index(SendAct(0)), bad[0].pop(bad[0].index(RecvGrad(0))))
     with pytest.raises(ScheduleError, match="deadlock"):
         timeline(bad, lambda s, a: 1)
+
+
+def test_cli_stage_costs(capsys):
+    from mpnn.schedule import main
+
+    assert main(["--pp", "2", "--micro-batches", "8", "--schedule", "gpipe",
+                 "--stage-costs", "1:2,1:2"]) == 0
+    assert "bubble 0.1111" in capsys.readouterr().out.splitlines()[-1]
+    # per-stage F/B costs that differ between stages: GPipe pays for it, 1F1B much less
+    out = {}
+    for name in ("gpipe", "1f1b"):
+        main(["--pp", "2", "--micro-batches", "8", "--schedule", name,
+              "--stage-costs", "0.6:0.74,0.44:0.93"])
+        out[name] = float(capsys.readouterr().out.split()[-1])
+    assert out["gpipe"] == pytest.approx(0.1923, abs=1e-4)
+    assert out["1f1b"] == pytest.approx(0.1187, abs=1e-3)
+    with pytest.raises(SystemExit):
+        main(["--pp", "2", "--stage-costs", "1"])

@@ -140,7 +140,7 @@ class PipelineEngine:
         # the step in progress: micro-batch row bounds, inputs, labels, 1/global_batch, loss
         self._bounds, self._x, self._labels, self._scale, self._loss_sum = [], None, None, 0.0, 0.0
         self.peak_live = 0  # most micro-batches alive at once in the last step
-        self.busy_s = self.idle_s = self.sync_s = 0.0
+        self.forward_s = self.backward_s = self.idle_s = self.sync_s = 0.0  # seconds
 
     # ------------------------------------------------------------- one step
 
@@ -214,7 +214,7 @@ class PipelineEngine:
         if self.is_last and hi > lo:
             dlogits = self._buffer(self._grad_in, k, hi - lo)  # (B, C)
             self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi], self._scale, dlogits)
-        self.busy_s += time.perf_counter() - t0
+        self.forward_s += time.perf_counter() - t0
         self._live[k] = mb
         self.peak_live = max(self.peak_live, len(self._live))
 
@@ -231,7 +231,7 @@ class PipelineEngine:
         t0 = time.perf_counter()
         if self._rows(k):
             self.model.backward(dout, mb.ctx, need_input_grad=not self.is_first)
-        self.busy_s += time.perf_counter() - t0
+        self.backward_s += time.perf_counter() - t0
         if self.is_first:
             self._free.append(mb)  # activations released right after the backward
         else:
@@ -314,27 +314,32 @@ class PipelineEngine:
     # -------------------------------------------------------------- metrics
 
     def stage_times(self, world):
-        """Per-stage busy / idle / gradient-sync seconds since the last call.
+        """Per-stage compute / idle / gradient-sync seconds since the last call.
 
         Collective over ``world`` (all ranks of the grid); each stage's times
-        are averaged over its replicas. Also the measured bubble: the idle
-        fraction of busy + idle over all stages.
+        are averaged over its replicas. busy = forward + backward (the loss
+        included on the last stage), idle = waiting for a message. Also the
+        measured bubble: idle / (busy + idle) over all stages. The forward and
+        backward seconds per micro-batch can be fed to ``python -m
+        mpnn.schedule --stage-costs`` to predict the bubble of this pipeline.
         """
-        mine = np.array([self.stage, self.busy_s, self.idle_s, self.sync_s], dtype=np.float64)
-        self.busy_s = self.idle_s = self.sync_s = 0.0
-        every = np.empty((world.Get_size(), 4), dtype=np.float64)
+        mine = np.array([self.stage, self.forward_s, self.backward_s, self.idle_s, self.sync_s],
+                        dtype=np.float64)
+        self.forward_s = self.backward_s = self.idle_s = self.sync_s = 0.0
+        every = np.empty((world.Get_size(), mine.size), dtype=np.float64)
         world.Allgather(mine, every)
-        busy, idle, sync = (np.zeros(self.p) for _ in range(3))
-        count = np.zeros(self.p)
-        for stage, b, i, s in every:
-            st = int(stage)
-            busy[st] += b
-            idle[st] += i
-            sync[st] += s
-            count[st] += 1
-        busy, idle, sync = busy / count, idle / count, sync / count
+        sums, count = np.zeros((self.p, mine.size - 1)), np.zeros((self.p, 1))
+        for row in every:
+            sums[int(row[0])] += row[1:]
+            count[int(row[0])] += 1
+        fwd, bwd, idle, sync = (sums / count).T
+        busy = fwd + bwd
         total = busy.sum() + idle.sum()
-        return {"stage_busy_s": busy.round(6).tolist(), "stage_idle_s": idle.round(6).tolist(),
-                "stage_sync_s": sync.round(6).tolist(),
+        return {"stage_busy_s": _rounded(busy), "stage_idle_s": _rounded(idle),
+                "stage_sync_s": _rounded(sync), "stage_forward_s": _rounded(fwd),
+                "stage_backward_s": _rounded(bwd),
                 "bubble": float(idle.sum() / total) if total else 0.0}
 
+
+def _rounded(a):
+    return [round(float(v), 6) for v in a]
