@@ -27,6 +27,8 @@ import zlib
 
 import numpy as np
 
+from .checkpoint import (Checkpointer, add_checkpoint_options, check_checkpoint_options,
+                         check_finite, keep_metrics, load_resume)
 from .data import DATASETS, load_dataset
 from .data.batching import batch_bounds, epoch_permutation, share_bounds
 from .kernels import BACKENDS, get_ops
@@ -38,6 +40,7 @@ from .parallel.partition import format_partition, partition_layers
 from .parallel.pipeline import (PipelineConfigError, PipelineEngine, add_pipeline_options,
                                 check_pipeline_config)
 from .threads import configure_threads
+from .trace import NULL_TRACER, make_tracer
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -117,8 +120,12 @@ def build_parser():
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
     a("--save", default=None, metavar="PATH", help="write the trained weights (.npz, no pickle)")
     a("--metrics", default=None, metavar="PATH", help="append one JSON line per epoch")
+    a("--trace", default=None, metavar="FILE.json",
+      help="write a Chrome/Perfetto timeline of every rank's forward, backward, step and messages")
+    a("--plot", default=None, metavar="FILE.png", help="draw the loss and accuracy curves")
     a("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_pipeline_options(p)  # --pp --dp --micro-batches --schedule --partition
+    add_checkpoint_options(p)  # --checkpoint-dir --checkpoint-every --checkpoint-keep --resume
     return p
 
 
@@ -137,7 +144,8 @@ def validate(args, world_size):
         raise ConfigError("--lr 0 would not train; give a positive learning rate")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
         raise ConfigError("--nesterov needs --optimizer sgd with --momentum > 0")
-    for option, path in (("--save", args.save), ("--metrics", args.metrics)):
+    for option, path in (("--save", args.save), ("--metrics", args.metrics),
+                         ("--trace", args.trace), ("--plot", args.plot)):
         if path:
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder):
@@ -146,6 +154,7 @@ def validate(args, world_size):
                 raise ConfigError(f"{option} {path}: directory {folder} is not writable")
     if args.init and not os.path.isfile(args.init):
         raise ConfigError(f"--init {args.init}: no such file")
+    check_checkpoint_options(args)  # and creates --checkpoint-dir
     if args.backend == "cupy":
         from .kernels.cupy_ops import gpu_available
 

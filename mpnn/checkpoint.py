@@ -1,0 +1,531 @@
+"""Resumable checkpoints: the whole training state in one .npz, on any process grid.
+
+    python -m mpnn.train --checkpoint-dir ck --checkpoint-every 200      # every 200 steps
+    python -m mpnn.train --checkpoint-dir ck --checkpoint-every 1e       # every epoch
+    python -m mpnn.train --checkpoint-dir ck --resume                    # newest in ck/
+    python -m mpnn.train --resume ck/ckpt-000000400.npz                  # that one
+
+A checkpoint ``DIR/ckpt-<step, 9 digits>.npz`` holds plain arrays only (it is
+read with ``allow_pickle=False``)::
+
+    layers.{i}.weight, layers.{i}.bias   the whole model, as a --save file (so --init reads it)
+    optim.{name}                         optimizer state (Adam m, v; SGD velocity): flat
+                                         arrays in the whole model's parameter layout
+    meta                                 JSON as uint8: step, epoch, batches done in that
+                                         epoch, optimizer step count t, the epoch's loss so
+                                         far, and the run's configuration
+    sha256                               hex digest (uint8) of every other entry
+
+It does not depend on the grid it was saved from. Pipeline stages send their
+flat buffers (parameters and optimizer state share one layout) to the first
+stage of replica 0 (world rank 0), which writes the file; on resume every rank
+reads it and keeps the contiguous slice of its own layers, so a run saved at
+``--dp 2 --pp 2`` resumes at ``--pp 4``, at ``-n 1`` or at ``--dp 4``. The data
+order is a pure function of (seed, epoch) (``data.batching``), so the epoch
+and the number of batches done in it restore it exactly; the step restores the
+learning-rate schedule. Resuming therefore repeats the uninterrupted run:
+bitwise on the same grid, up to summation order on another.
+
+Files are written to a hidden temporary name in the same directory, flushed,
+fsynced and renamed (then the directory is fsynced), so a crash leaves either
+the previous checkpoint or the new one, never a partial file under the final
+name; temporary files are ignored on resume. A file that fails to read, fails
+its checksum, or was saved for another architecture is refused with a message
+naming the file and the reason. The checkpoint directory must be visible to
+every rank (as the data files are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .params import Layout
+
+FORMAT, VERSION = "mpnn-checkpoint", 1
+NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+# settings whose change makes the saved state meaningless for this run
+STRICT = ("sizes", "activation", "loss", "optimizer", "dtype", "dataset")
+# settings whose change only makes the resumed run differ from the uninterrupted one
+LOOSE = ("lr", "lr_schedule", "momentum", "nesterov", "weight_decay", "batch_size", "epochs", "seed")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint option, file or directory that cannot be used; says which and why."""
+
+
+# ------------------------------------------------------------------ options
+
+
+@dataclass(frozen=True)
+class Every:
+    """A checkpoint interval: every ``n`` optimizer steps, or every ``n`` epochs."""
+
+    n: int
+    unit: str  # "steps" | "epochs"
+
+    def __str__(self):
+        return f"{self.n}{'e' if self.unit == 'epochs' else ''}"
+
+
+def parse_every(text):
+    """``200`` (steps) or ``200s``/``200steps``; ``1e``/``2epochs`` (epochs)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(s|steps?|e|epochs?)?\s*", text)
+    if not m or int(m.group(1)) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of steps (e.g. 200) or epochs (e.g. 1e), got {text!r}")
+    unit = "epochs" if (m.group(2) or "s")[0] == "e" else "steps"
+    return Every(int(m.group(1)), unit)
+
+
+def add_checkpoint_options(parser):
+    """``--checkpoint-dir --checkpoint-every --checkpoint-keep --resume`` of ``mpnn.train``."""
+    a = parser.add_argument
+    a("--checkpoint-dir", default=None, metavar="DIR",
+      help="write resumable checkpoints DIR/ckpt-<step>.npz (created if missing)")
+    a("--checkpoint-every", type=parse_every, default=None, metavar="N|Ne",
+      help="checkpoint every N optimizer steps, or every N epochs with Ne (default: 1e); "
+           "a final checkpoint is always written")
+    a("--checkpoint-keep", type=int, default=3, metavar="K",
+      help="keep the newest K checkpoints (0 keeps all; default 3)")
+    a("--resume", nargs="?", const="latest", default=None, metavar="FILE",
+      help="continue from the newest checkpoint in --checkpoint-dir (or from FILE); "
+           "without one in the directory, start from step 0")
+
+
+def check_checkpoint_options(args):
+    """Validate (and create) the checkpoint directory before any collective."""
+    if args.checkpoint_every is not None and not args.checkpoint_dir:
+        raise CheckpointError("--checkpoint-every needs --checkpoint-dir DIR")
+    if args.checkpoint_keep < 0:
+        raise CheckpointError(f"--checkpoint-keep must be >= 0, got {args.checkpoint_keep}")
+    if args.resume == "latest" and not args.checkpoint_dir:
+        raise CheckpointError("--resume without a FILE needs --checkpoint-dir DIR "
+                              "(the newest checkpoint there is used)")
+    if args.resume and args.init:
+        raise CheckpointError("--resume and --init both set the starting weights; use one")
+    if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
+        raise CheckpointError(f"--resume {args.resume}: no such file")
+    if args.checkpoint_dir:
+        d = args.checkpoint_dir
+        try:
+            os.makedirs(d, exist_ok=True)
+            with tempfile.TemporaryFile(dir=d):  # a real write: os.access says yes to root
+                pass
+        except OSError as e:
+            raise CheckpointError(f"--checkpoint-dir {d}: cannot write there "
+                                  f"({e.strerror or e})") from None
+
+
+# ------------------------------------------------------------ file format
+
+
+def config_of(args, sizes):
+    """The run's configuration as stored in (and compared with) a checkpoint."""
+    return {"sizes": [int(s) for s in sizes], "activation": args.activation, "loss": args.loss,
+            "optimizer": args.optimizer, "dtype": args.dtype, "dataset": args.dataset,
+            "lr": args.lr, "lr_schedule": args.lr_schedule, "momentum": args.momentum,
+            "nesterov": args.nesterov, "weight_decay": args.weight_decay,
+            "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
+
+
+def _digest(arrays):
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _text(s):
+    return np.frombuffer(s.encode(), dtype=np.uint8)
+
+
+def checkpoint_path(directory, step):
+    return os.path.join(directory, f"ckpt-{int(step):09d}.npz")
+
+
+def list_checkpoints(directory):
+    """Complete checkpoints in ``directory``, oldest first (temporary files ignored)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    found = sorted((int(m.group(1)), n) for n in names if (m := NAME.match(n)))
+    return [os.path.join(directory, n) for _, n in found]
+
+
+def latest_checkpoint(directory):
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def atomic_write(path, write):
+    """Call ``write(fileobj)`` on a temporary file next to ``path``; flush, fsync,
+    rename over ``path``, fsync the directory. Nothing is left behind on failure."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _ignore_missing():
+            os.remove(tmp)
+        raise
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens directories
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+class _ignore_missing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        return kind is not None and issubclass(kind, FileNotFoundError)
+
+
+def write_checkpoint(path, params, optim, meta):
+    """Write one checkpoint file atomically.
+
+    params  named whole-model tensors (``layers.{i}.weight`` ...)
+    optim   optimizer state name -> flat array over the whole model's layout
+    meta    JSON-able dict
+    """
+    arrays = dict(params)
+    arrays.update({f"optim.{k}": v for k, v in optim.items()})
+    arrays["meta"] = _text(json.dumps({"format": FORMAT, "version": VERSION, **meta},
+                                      sort_keys=True))
+    arrays["sha256"] = _text(_digest(arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint file's contents (host arrays)."""
+
+    path: str
+    params: dict  # layers.{i}.weight / bias of the whole model
+    optim: dict  # state name -> flat whole-model array
+    meta: dict
+
+    @property
+    def config(self):
+        return self.meta["config"]
+
+
+def read_checkpoint(path):
+    """Read and verify a checkpoint (never unpickles). Raises CheckpointError."""
+    def refuse(why):
+        return CheckpointError(f"checkpoint {path}: {why}")
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {name: z[name] for name in z.files}
+    except FileNotFoundError:
+        raise refuse("no such file") from None
+    except ValueError as e:  # object arrays: a pickle inside
+        raise refuse(f"refused: holds pickled objects ({e})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad CRC, not an npz at all
+        raise refuse(f"unreadable, truncated or not an .npz ({type(e).__name__}: {e}); "
+                     f"delete it to resume from an older checkpoint") from None
+    if "meta" not in arrays or "sha256" not in arrays:
+        raise refuse("not an mpnn checkpoint (no meta/sha256 entries; a --save weights "
+                     "file can start a run with --init)")
+    stored = arrays.pop("sha256").tobytes().decode(errors="replace")
+    actual = _digest(arrays)
+    if stored != actual:
+        raise refuse(f"checksum mismatch (stored sha256 {stored[:12]}..., contents "
+                     f"{actual[:12]}...): the file is corrupt; delete it to resume from an "
+                     f"older checkpoint")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except ValueError as e:
+        raise refuse(f"unreadable meta entry ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise refuse(f"format {meta.get('format')!r} version {meta.get('version')!r}, "
+                     f"this mpnn reads {FORMAT!r} version {VERSION}")
+    optim = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
+    params = {k: v for k, v in arrays.items() if not k.startswith("optim.")}
+    return Checkpoint(path, params, optim, meta)
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def compare_config(saved, current, path):
+    """CheckpointError for a different architecture, loss, optimizer, dtype or data;
+    the list of other settings that differ (the resumed run then is not exact)."""
+    def show(name, value):
+        if name == "sizes":
+            return "-".join(map(str, value))
+        return "default" if value is None else str(value)
+
+    strict = [n for n in STRICT if saved.get(n) != current[n]]
+    if strict:
+        diffs = "; ".join(f"{'layer sizes' if n == 'sizes' else _flag(n)} "
+                          f"{show(n, saved.get(n))} in the checkpoint, "
+                          f"{show(n, current[n])} in this run" for n in strict)
+        kind = "a different architecture" if {"sizes", "activation"} & set(strict) \
+            else "a different configuration"
+        raise CheckpointError(f"checkpoint {path}: saved for {kind}: {diffs}. Resume with the "
+                              f"options it was saved with, or start a new run from its weights "
+                              f"with --init")
+    return [f"{_flag(n)} {show(n, saved.get(n))} -> {show(n, current[n])}"
+            for n in LOOSE if saved.get(n) != current[n]]
+
+
+# ------------------------------------------------------------- save, resume
+
+
+def _stage_span(sizes, layers):
+    """(start, stop) of a stage's layers inside the whole model's flat layout."""
+    full = Layout(sizes)
+    return full.layer_span(layers.start)[0], full.layer_span(layers.stop - 1)[1]
+
+
+def _sum_loss(comm, value):
+    """The float64 sum of ``value`` over ``comm`` (serial: unchanged)."""
+    if comm is None or comm.Get_size() == 1:
+        return float(value)
+    from mpi4py import MPI
+
+    buf = np.array([value], dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    return float(buf[0])
+
+
+def _host(ops, a):
+    return np.ascontiguousarray(ops.to_host(a))
+
+
+class Checkpointer:
+    """Writes the checkpoints of one run (every rank builds one; rank 0 writes).
+
+    ``save`` is collective over every rank of the job: the epoch loss is summed
+    over ``comm``, the stages of replica 0 send their buffers to its first stage.
+    """
+
+    def __init__(self, args, sizes, comm=None, grid=None):
+        self.directory = args.checkpoint_dir
+        self.every = args.checkpoint_every or (Every(1, "epochs") if self.directory else None)
+        self.keep = args.checkpoint_keep
+        self.config = config_of(args, sizes)
+        self.comm, self.grid = comm, grid
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.last_saved = None  # (path, step) of the newest checkpoint written by this run
+
+    @property
+    def enabled(self):
+        return self.directory is not None
+
+    def due_after_step(self, step):
+        return self.enabled and self.every.unit == "steps" and step % self.every.n == 0
+
+    def due_after_epoch(self, epoch):
+        return self.enabled and self.every.unit == "epochs" and epoch % self.every.n == 0
+
+    def save(self, model, opt, step, epoch, batch, loss_sum):
+        """Checkpoint after ``step`` optimizer steps, ``batch`` batches into ``epoch``
+        (``batch`` 0: ``epoch`` not started). ``loss_sum``: this rank's share of
+        the epoch's training loss so far. Returns the path on rank 0, else None."""
+        total_loss = _sum_loss(self.comm, loss_sum)
+        params, optim = self._gather(model, opt)
+        meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch),
+                "optimizer_t": int(opt.t), "epoch_loss_sum": total_loss, "config": self.config,
+                "grid": {"dp": self.grid.dp, "pp": self.grid.pp} if self.grid else {"dp": 1, "pp": 1}}
+        path = checkpoint_path(self.directory, step)
+        if self.rank != 0:
+            self.last_saved = path
+            return None
+        try:
+            write_checkpoint(path, Layout(model.sizes).views(params), optim, meta)
+        except OSError as e:
+            prev = f"the previous checkpoint {self.last_saved} is intact" if self.last_saved \
+                else "no earlier checkpoint was written by this run"
+            raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} ({prev})") \
+                from None
+        self.last_saved = path
+        if self.keep:
+            for old in list_checkpoints(self.directory)[:-self.keep]:
+                with _ignore_missing():
+                    os.remove(old)
+        return path
+
+    def _gather(self, model, opt):
+        """Whole-model flat parameters and optimizer state on world rank 0 (host arrays).
+
+        Replica 0's stages Gatherv their flat buffers (same layout for parameters
+        and optimizer state) to its first stage; stage order is layout order."""
+        ops = model.ops
+        ops.synchronize()
+        local = {"params": model.flat.data, **opt.state()}
+        grid = self.grid
+        if grid is None or grid.pp == 1:
+            return (_host(ops, model.flat.data),
+                    {k: _host(ops, v) for k, v in opt.state().items()}) if self.rank == 0 \
+                else (None, None)
+        if grid.dp_rank != 0:
+            return None, None
+        counts = grid.pp_comm.allgather(model.layout.numel)  # small, once per checkpoint
+        out = {}
+        for name, arr in local.items():
+            mine = _host(ops, arr)
+            full = np.empty(sum(counts), dtype=mine.dtype) if grid.pp_rank == 0 else None
+            grid.pp_comm.Gatherv(mine, [full, counts] if full is not None else None, root=0)
+            out[name] = full
+        if grid.pp_rank != 0:
+            return None, None
+        return out.pop("params"), out
+
+
+@dataclass
+class Resume:
+    """Where a resumed run starts: the loaded checkpoint and its position."""
+
+    checkpoint: Checkpoint
+    warnings: list
+
+    @property
+    def path(self):
+        return self.checkpoint.path
+
+    @property
+    def step(self):
+        return self.checkpoint.meta["step"]
+
+    @property
+    def epoch(self):
+        return self.checkpoint.meta["epoch"]
+
+    @property
+    def batch(self):
+        return self.checkpoint.meta["batch"]
+
+    @property
+    def epoch_loss_sum(self):
+        return self.checkpoint.meta["epoch_loss_sum"]
+
+    def restore_optimizer(self, opt, model):
+        """Copy this stage's slice of the saved optimizer state into ``opt``."""
+        state = opt.state()
+        saved = self.checkpoint.optim
+        if set(state) != set(saved):
+            raise CheckpointError(
+                f"checkpoint {self.path}: optimizer state {sorted(saved) or 'none'}, but this "
+                f"run's optimizer keeps {sorted(state) or 'none'} (--momentum 0 keeps none)")
+        lo, hi = _stage_span(model.sizes, model.layers)
+        for name, arr in state.items():
+            arr[...] = model.ops.to_device(saved[name][lo:hi].astype(arr.dtype, copy=False))
+        opt.t = int(self.checkpoint.meta["optimizer_t"])
+
+
+def load_resume(args, model):
+    """The checkpoint to resume from, verified against this run and loaded into
+    ``model`` (this stage's layers); None when there is nothing to resume.
+
+    Called on every rank before the first collective, so a refused file ends
+    the job with one message."""
+    if not args.resume:
+        return None
+    path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else args.resume
+    if path is None:
+        return None
+    ckpt = read_checkpoint(path)
+    warnings = compare_config(ckpt.config, config_of(args, model.sizes), path)
+    full = Layout(model.sizes)
+    for name, slot in full.slots.items():
+        if name not in ckpt.params or ckpt.params[name].shape != slot.shape:
+            raise CheckpointError(f"checkpoint {path}: {name} missing or of the wrong shape "
+                                  f"for layer sizes {'-'.join(map(str, model.sizes))}")
+    for name, arr in ckpt.optim.items():
+        if arr.shape != (full.numel,):
+            raise CheckpointError(f"checkpoint {path}: optimizer state {name} has shape "
+                                  f"{arr.shape}, expected ({full.numel},)")
+    model.load_state_dict(ckpt.params, source=f"checkpoint {path}")
+    return Resume(ckpt, warnings)
+
+
+# ------------------------------------------------------------------ guards
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinity in the training loss or a gradient."""
+
+
+def _non_finite(model, tensors):
+    """Names of ``tensors`` (named views) holding NaN/inf, last layer first."""
+    xp = model.ops.xp
+    bad = [name for name, t in tensors.items() if not bool(xp.isfinite(t).all())]
+    return sorted(bad, key=lambda n: (-int(n.split(".")[1]), n))
+
+
+def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None):
+    """Raise NonFiniteError when this rank's loss, gradient or parameters are not finite.
+
+    Called after each optimizer step and before any checkpoint, so a bad state is
+    never written. The fast path is one sum over the flat parameter buffer (a NaN
+    or inf gradient always reaches the parameters through the update); only when
+    it is not finite are the layers inspected: gradients first (the optimizer
+    leaves them in place), naming the last layer in layer order first, since
+    backward reaches it first; else the update itself overflowed.
+    """
+    xp = model.ops.xp
+    loss_ok = math.isfinite(loss_sum)
+    if loss_ok and math.isfinite(float(xp.sum(model.flat.data))):
+        return
+    where = f"at step {step} (epoch {epoch}, batch {batch}) on rank {rank}"
+    keep = (f"the last good checkpoint {last_checkpoint} was not overwritten"
+            if last_checkpoint else "no checkpoint was written")
+    hint = "lower --lr, or check the data for NaN/inf"
+    if not loss_ok:
+        raise NonFiniteError(f"training loss is {loss_sum} {where}, from finite parameters: "
+                             f"the forward pass overflowed or the data holds NaN/inf; {keep}; "
+                             f"{hint}")
+    bad = _non_finite(model, model.flat.grads)
+    if bad:
+        also = f" (also {', '.join(bad[1:])})" if len(bad) > 1 else ""
+        raise NonFiniteError(f"non-finite gradient {where}: first in {bad[0]}{also}, the layer "
+                             f"backward reaches first; {keep}; {hint}")
+    bad = _non_finite(model, model.flat.params)
+    if bad:
+        raise NonFiniteError(f"non-finite parameters after the optimizer step {where}: "
+                             f"{', '.join(bad)} (the update overflowed {model.dtype}); {keep}; "
+                             f"{hint}")
+    # the sum overflowed with finite entries: nothing is wrong
+
+
+def keep_metrics(path, epochs):
+    """Truncate a --metrics file to its records of epochs 1..``epochs`` (a resumed
+    run rewrites the later ones); 0 empties it."""
+    kept = []
+    if epochs > 0 and os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("epoch", 0) <= epochs:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except ValueError:
+                    continue
+    with open(path, "w") as f:
+        f.writelines(kept)
