@@ -203,9 +203,10 @@ class DataParallelEngine:
     the flat gradient buffer; the caller steps the optimizer.
     """
 
-    def __init__(self, model, loss, dp_comm, bucket_mb=0.0):
+    def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER):
         self.model, self.loss = model, loss
         self.ops = model.ops
+        self.tracer = tracer  # spans for --trace (a no-op by default)
         if bucket_mb > 0:  # overlapped with backward, bucket by bucket
             self.sync = BucketedGradientSync(dp_comm, model.flat.grad, model.layout,
                                              bucket_mb, self.ops)
@@ -218,16 +219,19 @@ class DataParallelEngine:
         """Forward, loss (scaled by 1/global_batch), backward, gradient sum.
 
         x (b, I) and labels (b,) are this replica's rows; returns their loss sum."""
-        model, ops = self.model, self.ops
+        model, ops, tracer = self.model, self.ops, self.tracer
         model.zero_grad()
         loss_sum = 0.0
         if x.shape[0]:
-            logits = model.forward(x, self.ctx)  # (b, C)
-            if self.dlogits is None or self.dlogits.shape != logits.shape:
-                self.dlogits = ops.xp.empty_like(logits)
-            loss_sum = ops.loss(self.loss, logits, labels, scale, self.dlogits)
-            model.backward(self.dlogits, self.ctx, on_layer_done=self.sync.on_layer_done)
-        self.sync.wait()
+            with tracer.span("forward", rows=int(x.shape[0])):
+                logits = model.forward(x, self.ctx)  # (b, C)
+                if self.dlogits is None or self.dlogits.shape != logits.shape:
+                    self.dlogits = ops.xp.empty_like(logits)
+                loss_sum = ops.loss(self.loss, logits, labels, scale, self.dlogits)
+            with tracer.span("backward"):
+                model.backward(self.dlogits, self.ctx, on_layer_done=self.sync.on_layer_done)
+        with tracer.span("allreduce"):  # bucketed: the wait for the buckets started in backward
+            self.sync.wait()
         return loss_sum
 
     def evaluate(self, x, labels, chunk=2048):
@@ -247,11 +251,11 @@ class DataParallelEngine:
 # ------------------------------------------------------------------ helpers
 
 
-def make_engine(args, grid, model):
+def make_engine(args, grid, model, tracer=NULL_TRACER):
     """A data-parallel replica of the whole model, or this rank's pipeline stage."""
     if grid is None or grid.pp == 1:
         return DataParallelEngine(model, args.loss, grid.dp_comm if grid is not None else None,
-                                  args.bucket_mb)
+                                  args.bucket_mb, tracer)
     stages = partition_layers(model.sizes, grid.pp, args.partition)
     return PipelineEngine(model, args.loss, grid, args.schedule, args.micro_batches, stages)
 
