@@ -272,19 +272,38 @@ def _sum_over(comm, values):
     return out
 
 
-def check_replicas_agree(comm, flat):
-    """Decision 4: every replica must start from the same parameters."""
+def check_replicas_agree(comm, flat, when=None):
+    """Decision 4: every replica holds the same parameters, at the start (``when``
+    None) and at the periodic checks (``when`` says which). Names world ranks."""
     if comm is None or comm.Get_size() == 1:
         return
     from mpi4py import MPI
 
-    mine = np.array([zlib.crc32(np.ascontiguousarray(flat.data).tobytes())], dtype=np.int64)
-    hashes = np.empty(comm.Get_size(), dtype=np.int64)
-    comm.Allgather(mine, hashes)
-    if len(set(hashes.tolist())) != 1:
-        bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    data = flat.data.get() if hasattr(flat.data, "get") else flat.data  # host copy of a device buffer
+    mine = np.array([zlib.crc32(np.ascontiguousarray(data).tobytes()), MPI.COMM_WORLD.Get_rank()],
+                    dtype=np.int64)
+    every = np.empty((comm.Get_size(), 2), dtype=np.int64)
+    comm.Allgather(mine, every)
+    groups = {}
+    for h, r in every.tolist():
+        groups.setdefault(h, []).append(r)
+    if len(groups) == 1:
+        return
+    if when is None:
+        bad = [r for h, r in every.tolist() if h != every[0, 0]]
         raise RuntimeError(f"data-parallel replicas start from different weights "
-                           f"(ranks {bad} differ from rank 0): the seed or --init differs")
+                           f"(ranks {bad} differ from rank {every[0, 1]}): the seed or --init differs")
+    sizes = sorted(len(g) for g in groups.values())
+    if sizes[-1] > sizes[-2]:  # a strict majority agrees: the others diverged
+        majority = max(groups.values(), key=len)
+        bad = sorted(r for g in groups.values() if g is not majority for r in g)
+        who = f"ranks {bad} diverged from the other replicas (ranks {majority})"
+    else:
+        who = "replicas disagree with no majority: " + "; ".join(
+            f"ranks {g} hold crc32 {h & 0xFFFFFFFF:08x}" for h, g in groups.items())
+    raise RuntimeError(f"data-parallel replicas hold different parameters {when}: {who}; each "
+                       f"replica applied a different update (nondeterministic kernel, memory "
+                       f"error or a bug)")
 
 
 def lr_at(args, base_lr, step, total_steps):
