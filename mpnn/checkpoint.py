@@ -173,7 +173,8 @@ def atomic_write(path, write):
     """Call ``write(fileobj)`` on a temporary file next to ``path``; flush, fsync,
     rename over ``path``, fsync the directory. Nothing is left behind on failure."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # mode as umask allows
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

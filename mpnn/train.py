@@ -358,17 +358,29 @@ def setup(args, comm):
     return grid, data, model, threads, warning
 
 
-def train(args, comm=None, grid=None, data=None, model=None, log=print):
-    """Train and return the per-epoch metrics (rank 0's view, identical on all ranks)."""
+def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=None):
+    """Train and return the per-epoch metrics (rank 0's view, identical on all ranks).
+
+    resume: a ``checkpoint.Resume`` from ``load_resume`` (which loaded the
+    weights): continue at its step, epoch and batch with its optimizer state.
+    """
     dp_comm = grid.dp_comm if grid is not None else None
     dp, dp_rank = (grid.dp, grid.dp_rank) if grid is not None else (1, 0)
     rank = comm.Get_rank() if comm is not None else 0
     ops = model.ops
-    engine = make_engine(args, grid, model)
+    tracer = make_tracer(args.trace)
+    engine = make_engine(args, grid, model, tracer)
     check_replicas_agree(dp_comm, model.flat)
     base_lr = default_lr(args)
     opt = make_optimizer(args.optimizer, model.flat, ops, base_lr, args.momentum,
                          args.nesterov, args.weight_decay)
+    ckpt = Checkpointer(args, model.sizes, comm, grid)
+    first_epoch, first_batch, step, carried_loss = 1, 0, 0, 0.0
+    if resume is not None:  # same position, optimizer state and lr step as the saved run
+        resume.restore_optimizer(opt, model)
+        first_epoch, first_batch, step = resume.epoch, resume.batch, resume.step
+        carried_loss = resume.epoch_loss_sum if rank == 0 else 0.0  # the job's sum so far
+        ckpt.last_saved = resume.path
 
     n = data.x_train.shape[0]
     bounds = batch_bounds(n, args.batch_size)
@@ -377,24 +389,35 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
     x_test = ops.to_device(data.x_test[t_lo:t_hi])
     y_test = ops.to_device(data.y_test[t_lo:t_hi])
     show_bar = rank == 0 and not args.quiet
-    if args.metrics and rank == 0:
-        open(args.metrics, "w").close()  # one run's lines per file
-    history, step = [], 0
-    for epoch in range(1, args.epochs + 1):
+    if args.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
+        keep_metrics(args.metrics, first_epoch - 1)
+    history = []
+    tracer.start(comm)
+    for epoch in range(first_epoch, args.epochs + 1):
         order = epoch_permutation(n, args.seed, epoch)
         t0 = time.perf_counter()
-        loss_sum = 0.0
-        batches = _progress(bounds, show_bar, f"epoch {epoch}/{args.epochs}")
-        for start, stop in batches:
+        skip = first_batch if epoch == first_epoch else 0  # batches a resumed epoch already did
+        loss_sum = carried_loss if epoch == first_epoch else 0.0
+        batches = _progress(bounds[skip:], show_bar, f"epoch {epoch}/{args.epochs}")
+        for batch, (start, stop) in enumerate(batches, skip + 1):
             lo, hi = share_bounds(stop - start, dp_rank, dp)
             rows = order[start + lo:start + hi]
             x = ops.to_device(data.x_train[rows])  # (b, I)
             y = ops.to_device(data.y_train[rows])  # (b,)
-            loss_sum += engine.train_step(x, y, 1.0 / (stop - start))
-            opt.step(lr_at(args, base_lr, step, total_steps))
+            loss = engine.train_step(x, y, 1.0 / (stop - start))
+            loss_sum += loss
+            with tracer.span("optimizer", step=step + 1):
+                opt.step(lr_at(args, base_lr, step, total_steps))
             step += 1
+            # NaN/inf stops the run here, before any checkpoint can hold it
+            check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved)
+            if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
+                with tracer.span("checkpoint", step=step):
+                    check_replicas_agree(dp_comm, model.flat, f"at step {step}")
+                    ckpt.save(model, opt, step, epoch, batch, loss_sum)
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
+        trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
         test_loss, correct = engine.evaluate(x_test, y_test)
         # summed over all ranks: in a pipeline only the last stages hold nonzero counts
         totals = _sum_over(comm, [loss_sum, test_loss, correct])
@@ -404,7 +427,7 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
             "test_loss": totals[1] / data.x_test.shape[0],
             "test_accuracy": totals[2] / data.x_test.shape[0],
             "epoch_time_s": epoch_time,
-            "samples_per_s": n / epoch_time,
+            "samples_per_s": trained / epoch_time,
             "lr": lr_at(args, base_lr, step, total_steps),
             "ranks": comm.Get_size() if comm is not None else 1,
         }
@@ -425,11 +448,29 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print):
                         f"{b:.2f}/{i:.2f}" for b, i in zip(record["stage_busy_s"],
                                                            record["stage_idle_s"]))
                         + f"  bubble {record['bubble']:.3f}")
+        check_replicas_agree(dp_comm, model.flat, f"after epoch {epoch}")  # periodic check
+        if ckpt.due_after_epoch(epoch) or ckpt.due_after_step(step) or \
+                (ckpt.enabled and epoch == args.epochs):  # the next epoch starts at batch 0
+            with tracer.span("checkpoint", step=step):
+                path = ckpt.save(model, opt, step, epoch + 1, 0, 0.0)
+            if path and not args.quiet:
+                log(f"checkpoint {path}")
     state = engine.state_dict() if args.save else None  # a pipeline gathers it to rank 0
     if args.save and rank == 0:
         save_weights(args.save, state)
         if not args.quiet:
             log(f"saved weights to {args.save}")
+    if tracer.enabled:  # collective: every rank's spans to rank 0
+        pp = grid.pp if grid is not None else 1
+        tracer.write(args.trace, comm, label=lambda r: f"rank {r} (dp {r // pp}, stage {r % pp})")
+        if rank == 0 and not args.quiet:
+            log(f"wrote timeline {args.trace} (open in https://ui.perfetto.dev)")
+    if args.plot and rank == 0:
+        from .plot import plot_metrics, read_metrics
+
+        plot_metrics(read_metrics(args.metrics) if args.metrics else history, args.plot)
+        if not args.quiet:
+            log(f"wrote curves {args.plot}")
     return history
 
 
@@ -456,11 +497,12 @@ def main(argv=None):
     parser = build_parser()
     # Phase 1: everything before the first training collective. Errors here are
     # gathered, so every rank exits together with one message and status 2.
-    error, state = None, None
+    error, state, resume = None, None, None
     try:
         with contextlib.redirect_stderr(sys.stderr if rank == 0 else io.StringIO()):
             args = parser.parse_args(argv)  # usage errors are printed by rank 0 only
         state = setup(args, comm)
+        resume = load_resume(args, state[2])  # every rank checks the file and loads its layers
     except SystemExit as e:  # argparse already printed usage and the problem
         error = e.code or 0
     except Exception as e:  # noqa: BLE001 - reported to the user, then exit
@@ -494,9 +536,21 @@ def main(argv=None):
             print(f"mpnn: pipeline dp {grid.dp} x pp {grid.pp}, {args.schedule} schedule, "
                   f"{args.micro_batches} micro-batch(es), layers per stage "
                   f"{format_partition(stages)}", flush=True)
+    if rank == 0 and args.resume:
+        if resume is None:
+            print(f"mpnn: no checkpoint in {args.checkpoint_dir} yet: starting at step 0",
+                  file=sys.stderr, flush=True)
+        else:
+            if not args.quiet:
+                print(f"mpnn: resuming from {resume.path} (step {resume.step}, epoch "
+                      f"{resume.epoch}, {resume.batch} batch(es) done in it)", flush=True)
+            if resume.warnings:
+                print(f"mpnn: warning: resuming with settings that differ from the checkpoint's "
+                      f"({'; '.join(resume.warnings)}): the run will not repeat the "
+                      f"uninterrupted one exactly", file=sys.stderr, flush=True)
     # Phase 2: training. An exception on any rank aborts the whole job.
     try:
-        train(args, comm, grid, data, model)
+        train(args, comm, grid, data, model, resume=resume)
     except Exception as e:  # noqa: BLE001
         print(f"mpnn.train: error on rank {rank}: {type(e).__name__}: {e}", file=sys.stderr,
               flush=True)
