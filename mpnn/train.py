@@ -257,7 +257,8 @@ def make_engine(args, grid, model, tracer=NULL_TRACER):
         return DataParallelEngine(model, args.loss, grid.dp_comm if grid is not None else None,
                                   args.bucket_mb, tracer)
     stages = partition_layers(model.sizes, grid.pp, args.partition)
-    return PipelineEngine(model, args.loss, grid, args.schedule, args.micro_batches, stages)
+    return PipelineEngine(model, args.loss, grid, args.schedule, args.micro_batches, stages,
+                          tracer)
 
 
 def _sum_over(comm, values):
@@ -418,7 +419,8 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=N
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
         trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
-        test_loss, correct = engine.evaluate(x_test, y_test)
+        with tracer.span("evaluate"):
+            test_loss, correct = engine.evaluate(x_test, y_test)
         # summed over all ranks: in a pipeline only the last stages hold nonzero counts
         totals = _sum_over(comm, [loss_sum, test_loss, correct])
         record = {

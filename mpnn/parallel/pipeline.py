@@ -36,6 +36,7 @@ import numpy as np
 from ..data.batching import batch_bounds, share_bounds
 from ..model import Context
 from ..params import Layout
+from ..trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .grid import GridError, grid_shape
 from .partition import PartitionError, check_stages, parse_partition
@@ -111,10 +112,13 @@ class PipelineEngine:
     grid        the process grid (pp_comm: the pipeline; dp_comm: the same stage's replicas)
     schedule    naive | gpipe | 1f1b
     stages      layer range of every stage (rank 0 needs them to gather the model)
+    tracer      records forward/backward/recv/send-wait/allreduce spans for --trace
     """
 
-    def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None):
+    def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None,
+                 tracer=NULL_TRACER):
         self.model, self.loss, self.ops = model, loss, model.ops
+        self.tracer = tracer
         self.comm = grid.pp_comm
         self.dp_rank = grid.dp_rank
         self.stage, self.p, self.m = grid.pp_rank, grid.pp, int(micro_batches)
@@ -197,23 +201,28 @@ class PipelineEngine:
     # ---------------------------------------------------- the dispatch table
 
     def _recv_act(self, a):
-        self._wait([self._recv.pop(("act", a.mb))])
+        with self.tracer.span("recv act", mb=a.mb):
+            self._wait([self._recv.pop(("act", a.mb))])
 
     def _recv_grad(self, a):
-        self._wait([self._recv.pop(("grad", a.mb))])
+        with self.tracer.span("recv grad", mb=a.mb):
+            self._wait([self._recv.pop(("grad", a.mb))])
 
     def _forward(self, a):
         k = a.mb
         lo, hi = self._bounds[k]
         x = self._x[lo:hi] if self.is_first else self._act_in[k][:hi - lo]  # (B, I)
         mb = self._free.pop() if self._free else _MicroBatch()
-        self._wait(mb.requests)  # its previous sends must be done before reuse
+        if mb.requests:
+            with self.tracer.span("send wait"):
+                self._wait(mb.requests)  # its previous sends must be done before reuse
         mb.requests.clear()
         t0 = time.perf_counter()
-        out = self.model.forward(x, mb.ctx)  # (B, O)
-        if self.is_last and hi > lo:
-            dlogits = self._buffer(self._grad_in, k, hi - lo)  # (B, C)
-            self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi], self._scale, dlogits)
+        with self.tracer.span("forward", mb=k):
+            out = self.model.forward(x, mb.ctx)  # (B, O)
+            if self.is_last and hi > lo:
+                dlogits = self._buffer(self._grad_in, k, hi - lo)  # (B, C)
+                self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi], self._scale, dlogits)
         self.forward_s += time.perf_counter() - t0
         self._live[k] = mb
         self.peak_live = max(self.peak_live, len(self._live))
@@ -230,7 +239,8 @@ class PipelineEngine:
         dout = self._grad_in[k][:self._rows(k)]  # (B, O), received or from the loss
         t0 = time.perf_counter()
         if self._rows(k):
-            self.model.backward(dout, mb.ctx, need_input_grad=not self.is_first)
+            with self.tracer.span("backward", mb=k):
+                self.model.backward(dout, mb.ctx, need_input_grad=not self.is_first)
         self.backward_s += time.perf_counter() - t0
         if self.is_first:
             self._free.append(mb)  # activations released right after the backward
@@ -248,11 +258,13 @@ class PipelineEngine:
         self._free.append(mb)  # reused only after its requests complete (see _forward)
 
     def _step(self, a):
-        for mb in self._free:
-            self._wait(mb.requests)
-            mb.requests.clear()
+        with self.tracer.span("send wait"):
+            for mb in self._free:
+                self._wait(mb.requests)
+                mb.requests.clear()
         t0 = time.perf_counter()
-        self.sync.allreduce()
+        with self.tracer.span("allreduce"):
+            self.sync.allreduce()
         self.sync_s += time.perf_counter() - t0
 
     # ----------------------------------------------------------- evaluation
