@@ -481,7 +481,8 @@ def _non_finite(model, tensors):
     return sorted(bad, key=lambda n: (-int(n.split(".")[1]), n))
 
 
-def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None):
+def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None,
+                 activations=None):
     """Raise NonFiniteError when this rank's loss, gradient or parameters are not finite.
 
     Called after each optimizer step and before any checkpoint, so a bad state is
@@ -489,7 +490,9 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     or inf gradient always reaches the parameters through the update); only when
     it is not finite are the layers inspected: gradients first (the optimizer
     leaves them in place), naming the last layer in layer order first, since
-    backward reaches it first; else the update itself overflowed.
+    backward reaches it first; else the update itself overflowed. A non-finite
+    loss is traced to the first layer whose output (``activations``: layer ->
+    (B, O) array of the step's forward, when the engine keeps them) is not finite.
     """
     xp = model.ops.xp
     loss_ok = math.isfinite(loss_sum)
@@ -500,9 +503,12 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
             if last_checkpoint else "no checkpoint was written")
     hint = "lower --lr, or check the data for NaN/inf"
     if not loss_ok:
+        first = next((i for i in sorted(activations or {})
+                      if not bool(xp.isfinite(activations[i]).all())), None)
+        origin = (f"it first appears in the output of layer {first} (layers.{first}.weight/bias)"
+                  if first is not None else "the forward pass overflowed or the data holds NaN/inf")
         raise NonFiniteError(f"training loss is {loss_sum} {where}, from finite parameters: "
-                             f"the forward pass overflowed or the data holds NaN/inf; {keep}; "
-                             f"{hint}")
+                             f"{origin}; {keep}; {hint}")
     bad = _non_finite(model, model.flat.grads)
     if bad:
         also = f" (also {', '.join(bad[1:])})" if len(bad) > 1 else ""

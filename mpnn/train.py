@@ -411,7 +411,8 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=N
                 opt.step(lr_at(args, base_lr, step, total_steps))
             step += 1
             # NaN/inf stops the run here, before any checkpoint can hold it
-            check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved)
+            check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
+                         engine.ctx.outputs if isinstance(engine, DataParallelEngine) else None)
             if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
                 with tracer.span("checkpoint", step=step):
                     check_replicas_agree(dp_comm, model.flat, f"at step {step}")
