@@ -240,10 +240,16 @@ def read_checkpoint(path):
         return CheckpointError(f"checkpoint {path}: {why}")
 
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise refuse(f"cannot be read ({e.strerror or e})") from None
+    if head != b"PK\x03\x04":  # every .npz is a zip archive
+        raise refuse(f"unreadable, truncated or not an .npz (it starts with {head!r}, not a zip "
+                     f"header); delete it to resume from an older checkpoint")
+    try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {name: z[name] for name in z.files}
-    except FileNotFoundError:
-        raise refuse("no such file") from None
     except ValueError as e:  # object arrays: a pickle inside
         raise refuse(f"refused: holds pickled objects ({e})") from None
     except Exception as e:  # noqa: BLE001 - truncated zip, bad CRC, not an npz at all
@@ -496,7 +502,9 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     """
     xp = model.ops.xp
     loss_ok = math.isfinite(loss_sum)
-    if loss_ok and math.isfinite(float(xp.sum(model.flat.data))):
+    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf in the sum is the signal
+        total = float(xp.sum(model.flat.data))
+    if loss_ok and math.isfinite(total):
         return
     where = f"at step {step} (epoch {epoch}, batch {batch}) on rank {rank}"
     keep = (f"the last good checkpoint {last_checkpoint} was not overwritten"
