@@ -1,0 +1,228 @@
+"""Faults end cleanly and bad input is a clear error: every case runs the real
+command line (under ``mpirun`` where it matters) in a subprocess with a time limit,
+and checks the message the user sees and the non-zero exit status.
+
+These tests start their own ``mpirun``, so they belong to the serial pass.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mpnn import checkpoint as ck
+from mpnn.data import write_idx
+
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
+LIMIT = 90  # seconds for a case that must fail fast (imports dominate on a loaded machine)
+
+
+def cli(*argv, ranks=None, timeout=LIMIT, code=None, cwd=None):
+    """Run ``python -m mpnn.train`` (or ``python -c code``) under mpirun with ``ranks``.
+    Returns (exit status, stdout + stderr, seconds)."""
+    cmd = [sys.executable, *(["-c", code] if code else ["-m", "mpnn.train"]), *map(str, argv)]
+    if ranks:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPNN_DATA="/nonexistent",
+               MPNN_MIRROR="http://127.0.0.1:9/")  # offline and fast: nothing to download
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
+
+
+def idx_dir(root, name, images=50, labels=None, magic=False, truncate=False):
+    """A directory of the four MNIST-named IDX files, optionally broken."""
+    d = root / name
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    write_idx(d / "train-images-idx3-ubyte", rng.integers(0, 255, (images, 28, 28)).astype(np.uint8))
+    write_idx(d / "train-labels-idx1-ubyte", rng.integers(0, 10, (labels or images,)).astype(np.uint8))
+    write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 255, (20, 28, 28)).astype(np.uint8))
+    write_idx(d / "t10k-labels-idx1-ubyte", rng.integers(0, 10, (20,)).astype(np.uint8))
+    images_file = d / "train-images-idx3-ubyte"
+    raw = images_file.read_bytes()
+    if magic:
+        images_file.write_bytes(b"PK\x03\x04" + raw[4:])
+    if truncate:
+        images_file.write_bytes(raw[:len(raw) // 2])
+    return d
+
+
+# (case id, argv builder given tmp_path, ranks, message shown once, exit status)
+CASES = [
+    ("missing-data-file", lambda t: ["--dataset", "mnist", "--data-dir", t], 2,
+     "mnist: IDX files not found; searched:", 2),
+    ("wrong-magic-idx", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", magic=True)], 2,
+     "train-images-idx3-ubyte: not an IDX file: the magic number 0x504b0304", 2),
+    ("truncated-idx", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", truncate=True)], 2,
+     "found 19592: the file is truncated", 2),
+    ("label-count", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", labels=49)], 2,
+     "holds 50 images but", 2),
+    ("non-numeric-lr", lambda t: ["--lr", "fast"], 2, "argument --lr: expected a number, got 'fast'", 2),
+    ("non-numeric-batch", lambda t: ["--batch-size", "64k"], 2,
+     "argument --batch-size: expected a positive integer, got '64k'", 2),
+    ("negative-lr", lambda t: ["--lr", "-0.1"], None, "expected a finite number >= 0, got -0.1", 2),
+    ("negative-epochs", lambda t: ["--epochs", "-3"], None, "expected a positive integer, got -3", 2),
+    ("zero-batch", lambda t: ["--batch-size", "0"], None, "expected a positive integer, got 0", 2),
+    ("negative-micro-batches", lambda t: ["--pp", "2", "--micro-batches", "-1"], 2,
+     "--micro-batches must be a positive integer (got -1)", 2),
+    ("negative-checkpoint-every", lambda t: ["--checkpoint-every", "-5"], None,
+     "expected a positive number of steps (e.g. 200) or epochs (e.g. 1e), got '-5'", 2),
+    ("hidden-not-integer", lambda t: ["--hidden", "256,12.5"], 2, "'12.5' is not an integer", 2),
+    ("hidden-word", lambda t: ["--hidden", "big"], None, "'big' is not an integer", 2),
+    ("world-not-dp-times-pp", lambda t: ["--dp", "3", "--pp", "1"], 4,
+     "--dp 3 x --pp 1 = 3 ranks, but the job has 4", 2),
+    ("world-not-multiple-of-pp", lambda t: ["--pp", "2", "--hidden", "16,16"], 3,
+     "3 MPI ranks cannot be split into pipelines of --pp 2 stages", 2),
+    ("more-stages-than-layers", lambda t: ["--pp", "4"], 4,
+     "--pp 4 asks for more pipeline stages than the model has linear layers (2)", 2),
+    ("batch-smaller-than-ranks", lambda t: ["--batch-size", "3"], 4,
+     "--batch-size 3 is smaller than the 4 ranks", 2),
+    ("batch-smaller-than-ranks-x-micro-batches",
+     lambda t: ["--pp", "2", "--hidden", "16,16", "--micro-batches", "8", "--batch-size", "12"], 4,
+     "--batch-size 12 over 2 data-parallel replica(s) gives a replica 6 row(s) per step, fewer "
+     "than --micro-batches 8", 2),
+    ("unwritable-checkpoint-dir", lambda t: ["--checkpoint-dir", "/proc/mpnn-checkpoints"], 2,
+     "--checkpoint-dir /proc/mpnn-checkpoints: cannot write there", 2),
+    ("checkpoint-dir-under-a-file", lambda t: ["--checkpoint-dir", _file(t) / "ck"], 2,
+     "cannot write there (Not a directory)", 2),
+    ("unwritable-metrics-path", lambda t: ["--metrics", _file(t) / "m.jsonl"], 2,
+     "m.jsonl: directory", 2),
+    ("metrics-dir-missing", lambda t: ["--metrics", t / "no" / "m.jsonl"], 2, "does not exist", 2),
+    ("trace-dir-missing", lambda t: ["--trace", t / "no" / "t.json"], None, "--trace", 2),
+    ("corrupt-checkpoint", lambda t: ["--checkpoint-dir", _corrupt_checkpoint(t), "--resume"], 2,
+     "ckpt-000000023.npz: unreadable, truncated or not an .npz", 2),
+    ("missing-resume-file", lambda t: ["--resume", t / "nope.npz"], 2, "nope.npz: no such file", 2),
+]
+
+
+def _file(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("not a directory")
+    return f
+
+
+def _corrupt_checkpoint(tmp_path):
+    d = tmp_path / "ck"
+    rc, out, _ = cli(*FAST, "--checkpoint-dir", d)
+    assert rc == 0, out
+    path = d / "ckpt-000000023.npz"
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a crash in a naive writer
+    return d
+
+
+@pytest.mark.parametrize("name, argv, ranks, message, status", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error(tmp_path, name, argv, ranks, message, status):
+    rc, out, seconds = cli(*FAST, *argv(tmp_path), ranks=ranks)
+    assert rc == status, out
+    assert message in out, out
+    if ranks:  # one message for the whole job, not one per rank
+        assert out.count(message) == 1, out
+    assert "Traceback" not in out, out
+
+
+# --------------------------------------------------------------- faults
+
+
+INJECT = """
+import sys
+import mpnn.train as t
+from mpi4py import MPI
+
+real = t.check_finite
+
+def failing(model, loss, step, *a, **k):
+    if MPI.COMM_WORLD.Get_rank() == 2 and step == 12:
+        raise RuntimeError("injected failure in the middle of epoch 1")
+    return real(model, loss, step, *a, **k)
+
+t.check_finite = failing
+sys.exit(t.main(sys.argv[1:]))
+"""
+RUN = ["--dataset", "digits", "--hidden", "32,16", "--batch-size", "16", "--quiet"]
+
+
+def test_exception_on_one_rank_ends_the_job_naming_it(tmp_path):
+    d = tmp_path / "ck"
+    rc, out, seconds = cli(*RUN, "--epochs", "2", "--checkpoint-dir", d, "--checkpoint-every", "5",
+                           ranks=4, code=INJECT, timeout=120)
+    assert rc != 0, out
+    assert "mpnn.train: error on rank 2: RuntimeError: injected failure in the middle of epoch 1" in out
+    assert seconds < 60, f"took {seconds:.0f} s"
+    assert ck.latest_checkpoint(str(d)) == str(d / "ckpt-000000010.npz")  # the last complete one
+    rc, out, _ = cli(*RUN, "--epochs", "2", "--checkpoint-dir", d, "--resume", "--save", tmp_path / "w.npz")
+    assert rc == 0, out  # ... and a new run resumes from it
+
+
+def _rank_pid(marker, rank):
+    """PID of the process of world rank ``rank`` whose command line holds ``marker``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and b"mpnn.train" in cmdline \
+                and f"PMI_RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the rank's process through /proc")
+def test_sigkill_of_one_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path):
+    d = tmp_path / "ck-sigkill"
+    cmd = [MPIRUN, "-n", "4", sys.executable, "-m", "mpnn.train", *RUN, "--epochs", "500",
+           "--checkpoint-dir", str(d), "--checkpoint-every", "20"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(ck.list_checkpoints(str(d))) < 2:  # training is under way
+            assert job.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        pid = _rank_pid(str(d), 2)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = job.communicate(timeout=30)
+        seconds = time.monotonic() - killed
+    finally:
+        if job.poll() is None:  # only our own job's process group
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode != 0, out
+    assert seconds < 30
+    if "BAD TERMINATION" in out:  # MPICH's hydra names the killed process
+        assert "Killed (signal 9)" in out or "EXIT CODE: 9" in out, out
+    latest = ck.latest_checkpoint(str(d))
+    c = ck.read_checkpoint(latest)  # complete and verified
+    assert c.meta["step"] % 20 == 0 and c.meta["step"] >= 40
+    # and a run resumes from it (everything before the first collective, on one rank)
+    from mpnn.train import build_parser, setup
+
+    args = build_parser().parse_args(RUN + ["--epochs", "500", "--checkpoint-dir", str(d), "--resume"])
+    _, _, model, _, _ = setup(args, None)
+    resume = ck.load_resume(args, model)
+    assert resume.path == latest and resume.step == c.meta["step"]
+    np.testing.assert_array_equal(model.state_dict()["layers.0.weight"], c.params["layers.0.weight"])
+
+
+def test_non_finite_loss_under_mpirun_stops_with_step_and_layer(tmp_path):
+    d = tmp_path / "ck"
+    rc, out, _ = cli("--dataset", "digits", "--hidden", "32,16", "--epochs", "2", "--optimizer",
+                     "sgd", "--lr", "1e30", "--lr-schedule", "constant", "--quiet",
+                     "--checkpoint-dir", d, "--checkpoint-every", "1", ranks=2)
+    assert rc != 0
+    assert ("NonFiniteError: training loss is nan at step 2 (epoch 1, batch 2) on rank" in out
+            and "output of layer 1" in out), out
+    assert f"the last good checkpoint {d / 'ckpt-000000001.npz'} was not overwritten" in out
+    assert os.listdir(d) == ["ckpt-000000001.npz"]
+    ck.read_checkpoint(str(d / "ckpt-000000001.npz"))
