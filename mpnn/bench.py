@@ -10,8 +10,8 @@ float32) on synthetic data of MNIST's shape and prints, measured in one run:
   neighbour hits them alike; medians over repeats, warm-up (and numba's
   first compile) excluded;
 * the achieved GFLOP/s of a numba training step against this machine's
-  measured float32 GEMM rate (median of repeated BLAS sgemm of the step's
-  largest shape);
+  float32 GEMM rate measured alongside it (BLAS sgemm of the step's largest
+  shape, timed in the same interleaved rounds);
 * data-parallel efficiency at ``mpirun -n 2`` with 256 samples per rank
   (launched here as a subprocess running ``--dp-worker``), and how much of the
   gradient Allreduce the overlapped bucketed sync hides behind backward.
@@ -48,11 +48,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m mpnn.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="threads for every backend (default 1)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    p.add_argument("--repeats", type=int, default=9, help="timed repeats per measurement (median)")
     p.add_argument("--batches", default="64,256,1024", help="comma-separated batch sizes")
     p.add_argument("--backends", default="auto",
                    help="comma-separated from numpy,numba,cupy,torch (auto: all that are usable)")
-    p.add_argument("--block-s", type=float, default=0.25,
+    p.add_argument("--block-s", type=float, default=0.15,
                    help="seconds of training per timed block (sets the steps per repeat)")
     p.add_argument("--bucket-mb", type=float, default=0.1,
                    help="bucket size of the overlapped Allreduce in the DP measurement")
@@ -207,6 +207,27 @@ class TorchRunner:
             torch.cuda.synchronize()
 
 
+class GemmRunner:
+    """The reference: BLAS sgemm of the step's largest shape, (B, 784) @ (784, 256).
+
+    Timed like a backend, interleaved with them, so the same noise hits the
+    step and the rate it is compared with. One "sample" = 2·784·256 FLOPs.
+    """
+
+    name = "gemm"
+    flops_per_sample = 2 * SIZES[0] * SIZES[1]
+
+    def __init__(self, batch):
+        rng = np.random.default_rng(0)
+        self.a = rng.random((batch, SIZES[0]), dtype=np.float32)
+        self.b = rng.random((SIZES[0], SIZES[1]), dtype=np.float32)
+        self.c = np.empty((batch, SIZES[1]), np.float32)
+
+    def run(self, steps):
+        for _ in range(steps):
+            np.matmul(self.a, self.b, out=self.c)
+
+
 def available_backends(requested):
     from .kernels.cupy_ops import gpu_available
 
@@ -227,10 +248,14 @@ def available_backends(requested):
     return names
 
 
-def measure_throughput(backends, batch, repeats, block_s):
-    """samples/s per backend: median over repeats of timed blocks, backends interleaved."""
+def measure_throughput(backends, batch, repeats, block_s, per_repeat=None):
+    """samples/s per backend: median over repeats of timed blocks, backends interleaved.
+
+    The backend "gemm" is the reference GEMM (``GemmRunner``). ``per_repeat``
+    (a dict) receives every repeat's figures, for ratios taken pairwise."""
     x, labels = synthetic(8 * batch, seed=batch)
-    runners = [TorchRunner(batch, x, labels, b.partition("-")[2] or "cpu") if b.startswith("torch")
+    runners = [GemmRunner(batch) if b == "gemm"
+               else TorchRunner(batch, x, labels, b.partition("-")[2] or "cpu") if b.startswith("torch")
                else MpnnRunner(b, batch, x, labels) for b in backends]
     steps = {}
     for r in runners:  # warm-up: compile, caches, allocator; then size the block
@@ -242,14 +267,23 @@ def measure_throughput(backends, batch, repeats, block_s):
         for r in runners:
             t = _time(lambda: r.run(steps[r.name]))
             samples[r.name].append(steps[r.name] * batch / t)
+    if per_repeat is not None:
+        per_repeat.update(samples)
     return {name: float(np.median(v)) for name, v in samples.items()}
+
+
+def paired_ratio(samples, a, b, scale=1.0):
+    """Median over repeats of scale·a_i / b_i: each pair was timed back to back, so a
+    noisy neighbour that slows both cancels out better than in a ratio of medians."""
+    return float(np.median([scale * x / y for x, y in zip(samples[a], samples[b])]))
 
 
 # ------------------------------------------------------------- data parallel
 
 
 def dp_worker(args):
-    """Under mpirun: per-rank throughput with no sync, blocking and overlapped sync."""
+    """Under mpirun: per-rank throughput with overlapped, blocking and no gradient sum,
+    and rank 0 alone ("single") while the others sleep, all interleaved per repeat."""
     from mpi4py import MPI
 
     from .parallel.data_parallel import BucketedGradientSync, GradientSync
@@ -262,7 +296,7 @@ def dp_worker(args):
     share = slice(rank * 8 * batch, (rank + 1) * 8 * batch)  # this rank's rows
     runner = MpnnRunner("numba", batch, x[share], labels[share])
     model = runner.model
-    syncs = {"none": None,
+    syncs = {"single": None, "none": None,
              "blocking": GradientSync(comm, model.flat.grad, runner.ops),
              "overlapped": BucketedGradientSync(comm, model.flat.grad, model.layout,
                                                 args.bucket_mb, runner.ops)}
@@ -293,10 +327,19 @@ def dp_worker(args):
         for mode, sync in syncs.items():
             comm.Barrier()
             t = time.perf_counter()
-            waits = [step(sync) for _ in range(steps)]
+            if mode != "single" or rank == 0:
+                waits = [step(sync) for _ in range(steps)]
             block = time.perf_counter() - t
-            result[mode]["block_s"].append(comm.allreduce(block, op=MPI.MAX))  # slowest rank
-            result[mode]["wait_s"].append(float(np.median(waits)))
+            if mode == "single":  # the other ranks sleep (not spin) until rank 0 is done
+                done = comm.Ibarrier()
+                while not done.Test():
+                    time.sleep(0.001)
+                block = comm.bcast(block, root=0)
+            else:
+                block = comm.allreduce(block, op=MPI.MAX)  # the slowest rank sets the pace
+            result[mode]["block_s"].append(block)
+            result[mode]["wait_s"].append(float(np.median(waits)) if mode != "single" or rank == 0
+                                          else 0.0)
     # the overlapped sum must leave every replica with the same gradient
     step(syncs["overlapped"])
     digest = float(np.abs(model.flat.grad.astype(np.float64)).sum())
@@ -312,6 +355,13 @@ def dp_worker(args):
         Path(args.dp_worker).write_text(json.dumps(out))
 
 
+def dp_threads(args):
+    """Threads per DP rank: --threads, but never more than this rank's share of the cores."""
+    from .threads import available_cores, threads_per_rank
+
+    return min(args.threads, threads_per_rank(available_cores(), args.dp_ranks))
+
+
 def run_dp(args):
     """Launch the DP worker under mpirun; returns its figures or an error string."""
     here = Path(sys.executable).parent
@@ -322,10 +372,10 @@ def run_dp(args):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "dp.json"
         cmd = [mpirun, "-n", str(args.dp_ranks), sys.executable, "-m", "mpnn.bench",
-               "--dp-worker", str(out), "--threads", str(args.threads),
+               "--dp-worker", str(out), "--threads", str(dp_threads(args)),
                "--repeats", str(args.repeats), "--block-s", str(args.block_s),
                "--bucket-mb", str(args.bucket_mb), "--dp-batch", str(args.dp_batch)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        env = dict(os.environ, OMP_NUM_THREADS=str(dp_threads(args)))
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:
@@ -347,7 +397,8 @@ def main(argv=None):
     backends = available_backends(args.backends)
     print(f"mpnn bench: MLP {'-'.join(map(str, SIZES))}, relu, cross-entropy, SGD momentum "
           f"{MOMENTUM}, float32, {args.threads} thread(s) everywhere, synthetic MNIST-shaped data; "
-          f"medians of {args.repeats} repeats, warm-up excluded", flush=True)
+          f"medians of {args.repeats} repeats (ratios: median of the per-repeat ratios, "
+          f"each pair timed back to back), warm-up excluded", flush=True)
     report = {"threads": args.threads, "repeats": args.repeats, "sizes": list(SIZES),
               "backends": backends}
 
@@ -357,12 +408,17 @@ def main(argv=None):
     print(f"float32 GEMM rate (NumPy BLAS sgemm, {args.threads} thread(s)): {gemm:.1f} GFLOP/s "
           f"at 1024x784 @ 784x256 (the step's largest), {square:.1f} at 1024^3", flush=True)
 
-    throughput = {}
+    throughput, gemm_at, raw = {}, {}, {}
     for batch in batches:
-        throughput[batch] = measure_throughput(backends, batch, args.repeats, args.block_s)
-        print(f"  batch {batch}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in throughput[batch].items()),
-              flush=True)
+        raw[batch] = {}
+        throughput[batch] = measure_throughput(backends + ["gemm"], batch, args.repeats, args.block_s,
+                                               raw[batch])
+        gemm_at[batch] = throughput[batch].pop("gemm") * GemmRunner.flops_per_sample / 1e9
+        print(f"  batch {batch}: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in throughput[batch].items())
+              + f"; sgemm ({batch}x784 @ 784x256) {gemm_at[batch]:.1f} GFLOP/s", flush=True)
     report["samples_per_s"] = {str(b): v for b, v in throughput.items()}
+    report["samples_per_s_per_repeat"] = {str(b): v for b, v in raw.items()}
+    report["gemm_gflops_interleaved"] = {str(b): v for b, v in gemm_at.items()}
 
     col = 12
     print("\nsamples/s".ljust(18) + "".join(f"batch {b}".rjust(col) for b in batches))
@@ -372,37 +428,41 @@ def main(argv=None):
     fast = "cupy" if "cupy" in backends else "numba"
     for other in ("torch", "numpy"):
         if other in backends and fast in backends:
-            ratios[f"{fast}/{other}"] = {str(b): throughput[b][fast] / throughput[b][other] for b in batches}
+            ratios[f"{fast}/{other}"] = {str(b): paired_ratio(raw[b], fast, other) for b in batches}
             print(f"{fast + '/' + other:17s}" + "".join(
                 f"{ratios[f'{fast}/{other}'][str(b)]:>{col - 1}.2f}x" for b in batches))
     report["ratios"] = ratios
 
     flops = {}
     if "numba" in backends:
-        print("\nnumba step GFLOP/s".ljust(18))
+        print("\nnumba training step: GFLOP/s and fraction of the sgemm rate measured alongside it")
         for b in batches:
             nominal, executed = step_flops(b)
             steps_s = throughput[b]["numba"] / b
-            flops[str(b)] = {"executed_gflops": executed * steps_s / 1e9,
-                             "nominal_gflops": nominal * steps_s / 1e9}
-            print(f"  batch {b:5d}: executed {executed * steps_s / 1e9:6.1f} "
-                  f"({executed * steps_s / 1e9 / gemm:5.1%} of GEMM rate); "
-                  f"nominal 6·B·ΣIO {nominal * steps_s / 1e9:6.1f} ({nominal * steps_s / 1e9 / gemm:5.1%})")
+            ex, nom = executed * steps_s / 1e9, nominal * steps_s / 1e9
+            fps = GemmRunner.flops_per_sample
+            ex_frac = paired_ratio(raw[b], "numba", "gemm", executed / b / fps)
+            nom_frac = paired_ratio(raw[b], "numba", "gemm", nominal / b / fps)
+            flops[str(b)] = {"executed_gflops": ex, "nominal_gflops": nom, "gemm_gflops": gemm_at[b],
+                             "executed_fraction": ex_frac, "nominal_fraction": nom_frac}
+            print(f"  batch {b:5d}: executed {ex:6.1f} = {ex_frac:5.1%} of {gemm_at[b]:.1f}; "
+                  f"nominal 6·B·ΣIO {nom:6.1f} = {nom_frac:5.1%}")
     report["numba_step_flops"] = flops
 
     dp = None
     if not args.no_dp and "numba" in backends:
         print(f"\ndata parallel: mpirun -n {args.dp_ranks}, {args.dp_batch} samples per rank, "
-              f"numba, {args.threads} thread(s) per rank ...", flush=True)
+              f"numba, {dp_threads(args)} thread(s) per rank ...", flush=True)
         dp = run_dp(args)
         if isinstance(dp, str):
             print(f"  skipped: {dp}")
         else:
-            single = throughput.get(args.dp_batch, {}).get("numba")
-            if single is None:
-                single = measure_throughput(["numba"], args.dp_batch, args.repeats, args.block_s)["numba"]
-            dp["single_rank_samples_s"] = single
-            print(f"  single rank, batch {args.dp_batch}: {single:,.0f} samples/s")
+            table = throughput.get(args.dp_batch, {}).get("numba")
+            single = dp["single"]["per_rank_samples_s"]
+            print(f"  single rank, batch {args.dp_batch}, measured in the same job while the other "
+                  f"rank sleeps: {single:,.0f} samples/s"
+                  + (f" (main table: {table:,.0f})" if table else ""))
+            dp["main_table_single_samples_s"] = table
             for mode, label in (("overlapped", f"overlapped bucketed ({args.bucket_mb} MB buckets)"),
                                 ("blocking", "one blocking Allreduce"),
                                 ("none", "no gradient sum (compute only)")):
@@ -420,7 +480,7 @@ def main(argv=None):
                 print("  ERROR: replicas ended with different gradient sums")
     report["data_parallel"] = dp
 
-    report["targets"] = targets = check_targets(throughput, flops, dp, gemm)
+    report["targets"] = targets = check_targets(raw, flops, dp)
     if targets:
         print("\ntargets (issue 5)")
         for name, t in targets.items():
@@ -432,7 +492,7 @@ def main(argv=None):
     return report
 
 
-def check_targets(throughput, flops, dp, gemm):
+def check_targets(raw, flops, dp):
     targets = {}
 
     def add(name, value):
@@ -440,10 +500,10 @@ def check_targets(throughput, flops, dp, gemm):
                          "met": bool(value >= TARGETS[name])}
 
     for b in (64, 256):
-        if b in throughput and {"numba", "torch"} <= throughput[b].keys():
-            add(f"numba/torch at batch {b}", throughput[b]["numba"] / throughput[b]["torch"])
+        if b in raw and {"numba", "torch"} <= raw[b].keys():
+            add(f"numba/torch at batch {b}", paired_ratio(raw[b], "numba", "torch"))
     if "1024" in flops:
-        add("step/GEMM rate at batch 1024", flops["1024"]["executed_gflops"] / gemm)
+        add("step/GEMM rate at batch 1024", flops["1024"]["executed_fraction"])
     if isinstance(dp, dict):
         add("DP -n 2 per-rank efficiency", dp["overlapped"]["efficiency"])
     return targets

@@ -284,3 +284,35 @@ def test_cupy_synchronize_and_transfers():
     assert isinstance(d, ops.xp.ndarray)
     ops.synchronize()
     np.testing.assert_array_equal(ops.to_host(d), a)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,I,O", SHAPES)
+def test_weight_grad_on_numpys_blas(dtype, B, I, O):
+    """The path taken when SciPy's BLAS would fight NumPy's for cores: a
+    reused scratch and one add, same result."""
+    from mpnn.kernels.numba_ops import NumbaOps
+
+    ops = NumbaOps()
+    ops._gemm_beta1 = {}
+    rng = np.random.default_rng(B + 2 * I + 3 * O)
+    x, dz, dW0 = rand(rng, (B, I), dtype), rand(rng, (B, O), dtype), rand(rng, (I, O), dtype)
+    dW_ref = dW0.copy()
+    REF.weight_grad(x, dz, dW_ref)
+    for _ in range(2):  # the second call reuses the scratch
+        dW = dW0.copy()
+        ops.weight_grad(x, dz, dW)
+        close(dW, dW_ref, dtype, scale=max(1.0, B / 8))
+
+
+def test_scipy_gemm_only_without_competing_blas_threads():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from mpnn.kernels.numba_ops import NumbaOps
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        assert NumbaOps()._gemm_beta1  # one thread: SciPy's beta = 1 gemm is safe
+    libs = {i["filepath"] for i in threadpool_info() if i.get("user_api") == "blas"}
+    with threadpool_limits(limits=2, user_api="blas"):
+        if len(libs) > 1:
+            assert NumbaOps()._gemm_beta1 == {}
