@@ -471,9 +471,11 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=N
     if args.plot and rank == 0:
         from .plot import plot_metrics, read_metrics
 
-        plot_metrics(read_metrics(args.metrics) if args.metrics else history, args.plot)
-        if not args.quiet:
-            log(f"wrote curves {args.plot}")
+        records = read_metrics(args.metrics) if args.metrics else history
+        if records:  # (a run resumed after its last epoch trained nothing)
+            plot_metrics(records, args.plot)
+            if not args.quiet:
+                log(f"wrote curves {args.plot}")
     return history
 
 
