@@ -204,7 +204,6 @@ def guarded(label, fn):
 
 def throughput():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    bench.set_threads(cores)
     backends = ["numpy", "numba", "cupy"]
     try:
         import torch
@@ -213,6 +212,7 @@ def throughput():
             backends.append("torch-cuda")
     except ImportError:
         pass
+    bench.set_threads(cores, torch="torch-cuda" in backends)
     print(f"   (CPU backends with {cores} threads)")
     print("batch".ljust(8) + "".join(f"{b:>14s}" for b in backends) + "   cupy/numpy")
     for batch in (256, 1024, 4096):

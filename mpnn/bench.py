@@ -67,8 +67,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- set-up
 
 
-def set_threads(n):
-    """Same thread count for BLAS (all loaded libraries), numba and torch."""
+def set_threads(n, torch=False):
+    """Same thread count for BLAS (all loaded libraries), numba and (if asked) torch."""
     try:
         import scipy.linalg.blas  # noqa: F401  (load SciPy's BLAS before limiting it)
     except ImportError:
@@ -82,12 +82,10 @@ def set_threads(n):
     import numba
 
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        import torch
+    if torch:
+        import torch as _torch
 
-        torch.set_num_threads(n)
-    except ImportError:
-        pass
+        _torch.set_num_threads(n)
 
 
 def synthetic(n, seed=0):
@@ -392,9 +390,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.dp_worker:
         return dp_worker(args)
-    set_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     backends = available_backends(args.backends)
+    set_threads(args.threads, torch=any(b.startswith("torch") for b in backends))
     print(f"mpnn bench: MLP {'-'.join(map(str, SIZES))}, relu, cross-entropy, SGD momentum "
           f"{MOMENTUM}, float32, {args.threads} thread(s) everywhere, synthetic MNIST-shaped data; "
           f"medians of {args.repeats} repeats (ratios: median of the per-repeat ratios, "
