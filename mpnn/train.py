@@ -111,7 +111,8 @@ def build_parser():
     a("--batch-size", type=_positive_int, default=64, help="global batch size over all replicas")
     a("--seed", type=int, default=0)
     a("--dtype", default="float32", choices=("float32", "float64"))
-    a("--backend", default="numpy", choices=BACKENDS, help="kernel implementation")
+    a("--backend", default="auto", choices=BACKENDS,
+      help="kernel implementation (default auto: cupy when a GPU is usable, else numba)")
     a("--bucket-mb", type=_nonneg_float, default=0.1,
       help="data parallel: overlap the gradient Allreduce with backward in buckets of "
            "this many MB (0 = one blocking Allreduce after backward)")
@@ -161,6 +162,19 @@ def validate(args, world_size):
         if not gpu_available():
             raise ConfigError("--backend cupy needs CuPy and a usable CUDA GPU, and there is "
                               "none here; use --backend numba (or auto)")
+        if args.pp > 1:
+            raise ConfigError("--backend cupy trains data-parallel only: pipeline stages "
+                              "(--pp > 1) exchange host buffers; use --backend numba with --pp")
+
+
+def resolve_backend(args):
+    """The backend to build: ``auto`` is CuPy when a GPU is usable (and the run
+    is not pipelined), else numba."""
+    if args.backend != "auto":
+        return args.backend
+    from .kernels.cupy_ops import gpu_available
+
+    return "cupy" if args.pp == 1 and gpu_available() else "numba"
 
 
 def default_lr(args):
@@ -348,7 +362,7 @@ def setup(args, comm):
     threads, warning = configure_threads(comm, args.threads)
     dtype = np.dtype(args.dtype)
     data = load_data(args, comm, dtype)
-    ops = get_ops(args.backend)
+    ops = get_ops(resolve_backend(args))
     sizes = [data.n_features, *args.hidden, data.num_classes]
     layers = None  # a pipeline stage holds only its layers (same initial values as serial)
     if grid is not None and grid.pp > 1:

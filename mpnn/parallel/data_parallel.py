@@ -31,9 +31,16 @@ class GradientSync:
             return
         from mpi4py import MPI
 
-        if self.ops is not None:
-            self.ops.synchronize()  # device buffers must be complete before MPI reads them
-        self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
+        if isinstance(self.grad, np.ndarray):
+            self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
+            return
+        self.ops.synchronize()  # device buffers must be complete before MPI reads them
+        if _mpi_cuda_aware():
+            self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
+        else:  # through a host copy
+            host = self.grad.get()
+            self.comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
+            self.grad.set(host)
 
     # The overlapped, bucketed variant hooks into backward through these two:
     def on_layer_done(self, layer):
