@@ -27,8 +27,8 @@ import zlib
 
 import numpy as np
 
-from .checkpoint import (Checkpointer, add_checkpoint_options, check_checkpoint_options,
-                         check_finite, keep_metrics, load_resume)
+from .checkpoint import (Checkpointer, add_checkpoint_options, atomic_write,
+                         check_checkpoint_options, check_finite, keep_metrics, load_resume)
 from .data import DATASETS, load_dataset
 from .data.batching import batch_bounds, epoch_permutation, share_bounds
 from .kernels import BACKENDS, get_ops
@@ -59,6 +59,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
@@ -109,7 +119,7 @@ def build_parser():
       help="L2 for SGD, decoupled (AdamW) for adam")
     a("--epochs", type=_positive_int, default=10)
     a("--batch-size", type=_positive_int, default=64, help="global batch size over all replicas")
-    a("--seed", type=int, default=0)
+    a("--seed", type=_nonneg_int, default=0)
     a("--dtype", default="float32", choices=("float32", "float64"))
     a("--backend", default="auto", choices=BACKENDS,
       help="kernel implementation (default auto: cupy when a GPU is usable, else numba)")
@@ -186,16 +196,7 @@ def default_lr(args):
 
 def save_weights(path, arrays):
     """Write ``arrays`` as an .npz (no pickle) atomically: temp file, fsync, rename."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_weights(path):
