@@ -41,9 +41,10 @@ def oversubscription_warning(cores, ranks, threads):
     """A warning line when ranks x threads exceeds the cores, else None."""
     if ranks * threads <= cores:
         return None
+    fix = (f"run at most {cores} ranks on this node, with --threads 1" if ranks > cores
+           else f"use --threads {threads_per_rank(cores, ranks)} or fewer ranks")
     return (f"warning: {ranks} ranks on this node x {threads} threads each = "
-            f"{ranks * threads} threads on {cores} cores; expect a large slowdown "
-            f"(use --threads {threads_per_rank(cores, ranks)} or fewer ranks)")
+            f"{ranks * threads} threads on {cores} cores; expect a large slowdown ({fix})")
 
 
 def configure_threads(comm=None, threads=None):
