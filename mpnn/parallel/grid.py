@@ -43,22 +43,6 @@ class Grid:
     dp_comm: object
     pp_comm: object
 
-    @property
-    def rank(self):
-        return self.dp_rank * self.pp + self.pp_rank
-
-    @property
-    def size(self):
-        return self.dp * self.pp
-
-    @property
-    def is_first_stage(self):
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self):
-        return self.pp_rank == self.pp - 1
-
 
 def make_grid(comm, dp=None, pp=1):
     """Build the cartesian dp x pp grid over ``comm`` (validated first)."""
