@@ -153,6 +153,9 @@ def validate(args, world_size):
         raise ConfigError(str(e)) from None
     if args.lr is not None and args.lr == 0:
         raise ConfigError("--lr 0 would not train; give a positive learning rate")
+    if args.momentum >= 1:
+        raise ConfigError(f"--momentum {args.momentum} must be below 1 (0.9 is usual; "
+                          f"at 1 or more the velocity grows without bound)")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum == 0):
         raise ConfigError("--nesterov needs --optimizer sgd with --momentum > 0")
     for option, path in (("--save", args.save), ("--metrics", args.metrics),
@@ -352,10 +355,12 @@ def load_data(args, comm, dtype):
     return data if rank == 0 else load(False)
 
 
-def setup(args, comm):
-    """Everything before the first collective: grid, threads, data, model."""
+def setup(args, comm, validated=False):
+    """Grid, threads, data, model: everything before training (validates first
+    unless the caller already did, as ``main`` does on every rank)."""
     world = comm.Get_size() if comm is not None else 1
-    validate(args, world)
+    if not validated:
+        validate(args, world)
     try:
         grid = make_grid(comm, dp=args.dp, pp=args.pp) if comm is not None else None
     except GridError as e:
@@ -511,37 +516,64 @@ def _world():
     return MPI.COMM_WORLD
 
 
-def main(argv=None):
-    comm = _world()
-    rank = comm.Get_rank() if comm is not None else 0
-    parser = build_parser()
-    # Phase 1: everything before the first training collective. Errors here are
-    # gathered, so every rank exits together with one message and status 2.
-    error, state, resume = None, None, None
+def _on_every_rank(comm, rank, step):
+    """Run ``step()`` on every rank and agree on the outcome before going on.
+
+    Returns (None, result) when it succeeded everywhere. Otherwise rank 0
+    prints each distinct message once (naming the ranks when not all failed)
+    and every rank gets (exit status, None): the job ends together instead of
+    some ranks waiting in a collective the failed ones never reach.
+    """
+    error, result = None, None
     try:
-        with contextlib.redirect_stderr(sys.stderr if rank == 0 else io.StringIO()):
-            args = parser.parse_args(argv)  # usage errors are printed by rank 0 only
-        state = setup(args, comm)
-        resume = load_resume(args, state[2])  # every rank checks the file and loads its layers
+        result = step()
     except SystemExit as e:  # argparse already printed usage and the problem
         error = e.code or 0
     except Exception as e:  # noqa: BLE001 - reported to the user, then exit
         error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, OSError)) else str(e)
     errors = comm.allgather(error) if comm is not None and comm.Get_size() > 1 else [error]
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        codes = [e for _, e in failed if isinstance(e, int)]
-        if codes and len(codes) == len(failed):
-            return max(codes)
-        if rank == 0:
-            messages = {}
-            for r, e in failed:
-                if not isinstance(e, int):
-                    messages.setdefault(e, []).append(r)
-            for message, ranks in messages.items():
-                where = "" if len(failed) == len(errors) else f" (rank {', '.join(map(str, ranks))})"
-                print(f"mpnn.train: error{where}: {message}", file=sys.stderr, flush=True)
-        return 2
+    if not failed:
+        return None, result
+    codes = [e for _, e in failed if isinstance(e, int)]
+    if len(codes) == len(failed):
+        return max(codes), None
+    if rank == 0:
+        messages = {}
+        for r, e in failed:
+            if not isinstance(e, int):
+                messages.setdefault(e, []).append(r)
+        for message, ranks in messages.items():
+            where = "" if len(failed) == len(errors) else f" (rank {', '.join(map(str, ranks))})"
+            print(f"mpnn.train: error{where}: {message}", file=sys.stderr, flush=True)
+    return 2, None
+
+
+def main(argv=None):
+    comm = _world()
+    rank = comm.Get_rank() if comm is not None else 0
+    world = comm.Get_size() if comm is not None else 1
+    parser = build_parser()
+
+    def parse_and_validate():  # local checks only: no collective can be reached yet
+        with contextlib.redirect_stderr(sys.stderr if rank == 0 else io.StringIO()):
+            args = parser.parse_args(argv)  # usage errors are printed by rank 0 only
+        validate(args, world)
+        return args
+
+    def build():  # grid, data, model, resume file: collectives from here on
+        state = setup(args, comm, validated=True)
+        return state, load_resume(args, state[2])  # every rank checks the file, loads its layers
+
+    # Phase 1: everything before training, in two agreed steps, so every rank
+    # exits together with one message and status 2 when anything is wrong.
+    status, args = _on_every_rank(comm, rank, parse_and_validate)
+    if status is not None:
+        return status
+    status, built = _on_every_rank(comm, rank, build)
+    if status is not None:
+        return status
+    state, resume = built
     grid, data, model, threads, warning = state
     if rank == 0 and not args.quiet:
         if warning:

@@ -43,7 +43,11 @@ from .partition import PartitionError, check_stages, parse_partition
 from .schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
                         make_schedule, simulate)
 
-EVAL_TAG = 1 << 20  # above any 2k+1 of a training step
+# Message tags: micro-batch k of a training step sends activations with tag 2k and
+# gradients with 2k+1; evaluation and the state gather use the two tags above them
+# all. Every MPI library accepts tags up to 32767 (MPI_TAG_UB is at least that).
+MAX_MICRO_BATCHES = 16383
+EVAL_TAG = 2 * MAX_MICRO_BATCHES
 STATE_TAG = EVAL_TAG + 1
 
 
@@ -83,6 +87,9 @@ def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, pa
         raise PipelineConfigError(str(e)) from None
     if micro_batches < 1:
         raise PipelineConfigError(f"--micro-batches must be a positive integer (got {micro_batches})")
+    if micro_batches > MAX_MICRO_BATCHES:
+        raise PipelineConfigError(f"--micro-batches {micro_batches} is more than the "
+                                  f"{MAX_MICRO_BATCHES} the message tags can number")
     if pp == 1 and micro_batches > 1:
         raise PipelineConfigError("--micro-batches splits the batch between pipeline stages: "
                                   "use it with --pp 2 or more")
