@@ -27,6 +27,7 @@ Both are printed; the GEMM-rate target is judged on the executed count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -132,30 +133,26 @@ class MpnnRunner:
 
     def __init__(self, backend, batch, x, labels):
         from .kernels import get_ops
-        from .model import MLP, Context
+        from .model import MLP
         from .optim import make_optimizer
+        from .parallel.data_parallel import DataParallelEngine
 
         self.name, self.batch = backend, batch
         self.ops = ops = get_ops(backend)
         self.model = MLP(SIZES, "relu", np.float32, seed=0, ops=ops)
         self.opt = make_optimizer("sgd", self.model.flat, ops, lr=LR, momentum=MOMENTUM)
-        self.ctx = Context()
-        self.dlogits = ops.xp.empty((batch, SIZES[-1]), dtype=np.float32)
+        self.engine = DataParallelEngine(self.model, "cross_entropy", None)  # serial: no sum
         n = x.shape[0] // batch
         self.x = ops.to_device(np.ascontiguousarray(x[:n * batch]))
         self.labels = ops.to_device(labels[:n * batch])
         self.n_batches, self.k = n, 0
 
     def step(self):
-        """One training step on the next preloaded batch: the trainer's loop."""
+        """One training step on the next preloaded batch: the trainer's own step."""
         s = self.k * self.batch
         self.k = (self.k + 1) % self.n_batches
-        model = self.model
-        model.zero_grad()
-        logits = model.forward(self.x[s:s + self.batch], self.ctx)  # (B, C)
-        loss = self.ops.loss("cross_entropy", logits, self.labels[s:s + self.batch],
-                             1.0 / self.batch, self.dlogits)
-        model.backward(self.dlogits, self.ctx)
+        loss = self.engine.train_step(self.x[s:s + self.batch], self.labels[s:s + self.batch],
+                                      1.0 / self.batch)
         self.opt.step()
         return loss
 
@@ -279,12 +276,25 @@ def paired_ratio(samples, a, b, scale=1.0):
 # ------------------------------------------------------------- data parallel
 
 
+class _WaitTimer:
+    """A tracer for the engines that keeps the length of the last "allreduce" span."""
+
+    last = 0.0
+
+    @contextlib.contextmanager
+    def span(self, name, **_args):
+        t = time.perf_counter()
+        yield
+        if name == "allreduce":
+            self.last = time.perf_counter() - t
+
+
 def dp_worker(args):
     """Under mpirun: per-rank throughput with overlapped, blocking and no gradient sum,
     and rank 0 alone ("single") while the others sleep, all interleaved per repeat."""
     from mpi4py import MPI
 
-    from .parallel.data_parallel import BucketedGradientSync, GradientSync
+    from .parallel.data_parallel import DataParallelEngine
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -294,39 +304,34 @@ def dp_worker(args):
     share = slice(rank * 8 * batch, (rank + 1) * 8 * batch)  # this rank's rows
     runner = MpnnRunner("numba", batch, x[share], labels[share])
     model = runner.model
-    syncs = {"single": None, "none": None,
-             "blocking": GradientSync(comm, model.flat.grad, runner.ops),
-             "overlapped": BucketedGradientSync(comm, model.flat.grad, model.layout,
-                                                args.bucket_mb, runner.ops)}
+    timer = _WaitTimer()
+    engines = {"single": runner.engine, "none": runner.engine,  # the trainer's step, no sum
+               "blocking": DataParallelEngine(model, "cross_entropy", comm, 0.0, timer),
+               "overlapped": DataParallelEngine(model, "cross_entropy", comm, args.bucket_mb,
+                                                timer)}
     scale = 1.0 / (batch * size)  # the global batch's mean
 
-    def step(sync):
+    def step(engine):
+        """The trainer's step; returns the seconds spent waiting for the gradient sum."""
         s = runner.k * batch
         runner.k = (runner.k + 1) % runner.n_batches
-        model.zero_grad()
-        logits = model.forward(runner.x[s:s + batch], runner.ctx)
-        runner.ops.loss("cross_entropy", logits, runner.labels[s:s + batch], scale, runner.dlogits)
-        model.backward(runner.dlogits, runner.ctx,
-                       on_layer_done=None if sync is None else sync.on_layer_done)
-        t = time.perf_counter()
-        if sync is not None:
-            sync.wait()
-        waited = time.perf_counter() - t
+        timer.last = 0.0
+        engine.train_step(runner.x[s:s + batch], runner.labels[s:s + batch], scale)
         runner.opt.step()
-        return waited
+        return timer.last
 
-    for sync in syncs.values():  # warm-up
+    for engine in engines.values():  # warm-up
         for _ in range(5):
-            step(sync)
-    t1 = _time(lambda: step(syncs["blocking"]))
+            step(engine)
+    t1 = _time(lambda: step(engines["blocking"]))
     steps = comm.allreduce(max(5, int(args.block_s / max(t1, 1e-6))), op=MPI.MAX)
-    result = {m: {"block_s": [], "wait_s": []} for m in syncs}
+    result = {m: {"block_s": [], "wait_s": []} for m in engines}
     for _ in range(args.repeats):
-        for mode, sync in syncs.items():
+        for mode, engine in engines.items():
             comm.Barrier()
             t = time.perf_counter()
             if mode != "single" or rank == 0:
-                waits = [step(sync) for _ in range(steps)]
+                waits = [step(engine) for _ in range(steps)]
             block = time.perf_counter() - t
             if mode == "single":  # the other ranks sleep (not spin) until rank 0 is done
                 done = comm.Ibarrier()
@@ -339,13 +344,13 @@ def dp_worker(args):
             result[mode]["wait_s"].append(float(np.median(waits)) if mode != "single" or rank == 0
                                           else 0.0)
     # the overlapped sum must leave every replica with the same gradient
-    step(syncs["overlapped"])
+    step(engines["overlapped"])
     digest = float(np.abs(model.flat.grad.astype(np.float64)).sum())
     same = comm.allreduce(digest, op=MPI.MAX) == comm.allreduce(digest, op=MPI.MIN)
     if rank == 0:
         out = {"ranks": size, "rows_per_rank": batch, "steps_per_block": steps,
                "bucket_mb": args.bucket_mb, "grad_mb": model.flat.grad.nbytes / 1e6,
-               "buckets": [list(b.layers) for b in syncs["overlapped"].buckets],
+               "buckets": [list(b.layers) for b in engines["overlapped"].sync.buckets],
                "replicas_identical": bool(same)}
         for mode, r in result.items():
             out[mode] = {"per_rank_samples_s": float(np.median([steps * batch / b for b in r["block_s"]])),

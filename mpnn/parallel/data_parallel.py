@@ -10,11 +10,17 @@ the sync is a no-op.
     BucketedGradientSync  contiguous buckets in reverse layer order, each an
                           Iallreduce started as soon as backward finishes its
                           layers (overlapped with the rest of backward)
+    DataParallelEngine    one training step of a whole-model replica: forward,
+                          loss, backward, gradient sum (what the trainer and the
+                          benchmark run)
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from ..model import Context
+from ..trace import NULL_TRACER
 
 
 class GradientSync:
@@ -189,3 +195,55 @@ def _mpi_cuda_aware():
         return bool(query()) if query is not None else False
     except Exception:
         return False
+
+
+class DataParallelEngine:
+    """One replica of the whole model; gradients summed over ``dp_comm``.
+
+    ``train_step`` leaves the summed gradient of the global-batch mean loss in
+    the flat gradient buffer; the caller steps the optimizer.
+    """
+
+    def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER):
+        self.model, self.loss = model, loss
+        self.ops = model.ops
+        self.tracer = tracer  # spans for --trace (a no-op by default)
+        if bucket_mb > 0:  # overlapped with backward, bucket by bucket
+            self.sync = BucketedGradientSync(dp_comm, model.flat.grad, model.layout,
+                                             bucket_mb, self.ops)
+        else:
+            self.sync = GradientSync(dp_comm, model.flat.grad, self.ops)
+        self.ctx = Context()
+        self.dlogits = None
+
+    def train_step(self, x, labels, scale):
+        """Forward, loss (scaled by 1/global_batch), backward, gradient sum.
+
+        x (b, I) and labels (b,) are this replica's rows; returns their loss sum."""
+        model, ops, tracer = self.model, self.ops, self.tracer
+        model.zero_grad()
+        loss_sum = 0.0
+        if x.shape[0]:
+            with tracer.span("forward", rows=int(x.shape[0])):
+                logits = model.forward(x, self.ctx)  # (b, C)
+                if self.dlogits is None or self.dlogits.shape != logits.shape:
+                    self.dlogits = ops.xp.empty_like(logits)
+                loss_sum = ops.loss(self.loss, logits, labels, scale, self.dlogits)
+            with tracer.span("backward"):
+                model.backward(self.dlogits, self.ctx, on_layer_done=self.sync.on_layer_done)
+        with tracer.span("allreduce"):  # bucketed: the wait for the buckets started in backward
+            self.sync.wait()
+        return loss_sum
+
+    def evaluate(self, x, labels, chunk=2048):
+        """(loss_sum, n_correct) over rows x (n, I) of this rank."""
+        loss_sum, correct = 0.0, 0
+        ctx = Context()
+        for s in range(0, x.shape[0], chunk):
+            logits = self.model.forward(x[s:s + chunk], ctx)
+            l, c = self.ops.predict_stats(logits, labels[s:s + chunk], self.loss)
+            loss_sum, correct = loss_sum + l, correct + c
+        return loss_sum, correct
+
+    def state_dict(self):
+        return self.model.state_dict()
