@@ -17,6 +17,10 @@ is different, and why it is faster:
   momentum/Adam moments decaying geometrically into the subnormal range,
   where every multiply takes a slow micro-coded path. State values below the
   dtype's smallest normal number (1.2e-38 in float32) are stored as 0.
+* **NumPy's error model** (``error_model="numpy"``): a division by zero gives
+  inf/nan as in NumPy instead of a Python ZeroDivisionError check on every
+  division, which kept LLVM from vectorizing the loops (AdamW over the
+  benchmark MLP: 608 µs -> 137 µs, bitwise the same result).
 * **Explicit dtypes**: scalars (lr, momentum, ...) are cast to the buffers'
   dtype before the kernels see them, and kernel constants are typed from the
   arrays (``a.dtype.type(1)``; a bare ``1`` would promote float32 to float64
@@ -46,7 +50,7 @@ LOSS_CODES = {"cross_entropy": 0, "mse": 1}
 # ------------------------------------------------------------- forward epilogue
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def bias_act(out, b, code):
     """out = act(out + b) in place.  out (B, O), b (O,).
 
@@ -77,7 +81,7 @@ def bias_act(out, b, code):
 # ------------------------------------------------------------ backward epilogue
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def act_bias_backward(dy, y, db, code):
     """dz = dy ⊙ act'(y) in place over dy;  db += Σ_rows dz.   dy, y (B, O); db (O,).
 
@@ -115,7 +119,7 @@ def act_bias_backward(dy, y, db, code):
 # ------------------------------------------------------------------------ losses
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def softmax_xent(logits, labels, scale, out, write_grad):
     """Σ_i (lse_i − z_{i,y_i}) and, if write_grad, out = scale·(softmax − onehot).
 
@@ -155,7 +159,7 @@ def softmax_xent(logits, labels, scale, out, write_grad):
     return loss, correct
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def mse_loss(pred, labels, g, out, write_grad):
     """Σ_i (1/C) Σ_c (pred_ic − t_ic)², t = onehot(labels); out = g·(pred − t).
 
@@ -190,7 +194,7 @@ def mse_loss(pred, labels, g, out, write_grad):
 # --------------------------------------------------------------------- optimizer
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def sgd_update(p, g, lr, wd):
     """p -= lr·(g + wd·p), one pass.  p, g (N,)."""
     if wd != 0:
@@ -201,7 +205,7 @@ def sgd_update(p, g, lr, wd):
             p[k] -= lr * g[k]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def momentum_update(p, g, v, lr, mu, nesterov, wd, tiny):
     """v = μ·v + (g + wd·p);  p -= lr·v  (Nesterov: p -= lr·(g + wd·p + μ·v)).
 
@@ -217,7 +221,7 @@ def momentum_update(p, g, v, lr, mu, nesterov, wd, tiny):
         p[k] -= lr * (gk + mu * vk if nesterov else vk)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def adam_update(p, g, m, v, lr_t, beta1, beta2, c1, c2, inv_bc2, eps, decay, tiny):
     """AdamW in one pass over p, g, m, v (N,):
 
