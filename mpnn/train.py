@@ -130,7 +130,7 @@ def build_parser():
       help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
     a("--save", default=None, metavar="PATH", help="write the trained weights (.npz, no pickle)")
-    a("--metrics", default=None, metavar="PATH", help="append one JSON line per epoch")
+    a("--metrics", default=None, metavar="PATH", help="write one JSON line per epoch (a new run starts the file afresh; --resume keeps the epochs before its own)")
     a("--trace", default=None, metavar="FILE.json",
       help="write a Chrome/Perfetto timeline of every rank's forward, backward, step and messages")
     a("--plot", default=None, metavar="FILE.png", help="draw the loss and accuracy curves")
@@ -175,19 +175,15 @@ def validate(args, world_size):
         if not gpu_available():
             raise ConfigError("--backend cupy needs CuPy and a usable CUDA GPU, and there is "
                               "none here; use --backend numba (or auto)")
-        if args.pp > 1:
-            raise ConfigError("--backend cupy trains data-parallel only: pipeline stages "
-                              "(--pp > 1) exchange host buffers; use --backend numba with --pp")
 
 
 def resolve_backend(args):
-    """The backend to build: ``auto`` is CuPy when a GPU is usable (and the run
-    is not pipelined), else numba."""
+    """The backend to build: ``auto`` is CuPy when a GPU is usable, else numba."""
     if args.backend != "auto":
         return args.backend
     from .kernels.cupy_ops import gpu_available
 
-    return "cupy" if args.pp == 1 and gpu_available() else "numba"
+    return "cupy" if gpu_available() else "numba"
 
 
 def default_lr(args):
@@ -355,7 +351,8 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=N
     bounds = batch_bounds(n, args.batch_size)
     total_steps = args.epochs * len(bounds)
     t_lo, t_hi = share_bounds(data.x_test.shape[0], dp_rank, dp)
-    x_test = ops.to_device(data.x_test[t_lo:t_hi])
+    # later pipeline stages receive activations instead of the features
+    x_test = ops.to_device(data.x_test[t_lo:t_hi]) if engine.needs_inputs else None
     y_test = ops.to_device(data.y_test[t_lo:t_hi])
     show_bar = rank == 0 and not args.quiet
     if args.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
@@ -371,7 +368,7 @@ def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=N
         for batch, (start, stop) in enumerate(batches, skip + 1):
             lo, hi = share_bounds(stop - start, dp_rank, dp)
             rows = order[start + lo:start + hi]
-            x = ops.to_device(data.x_train[rows])  # (b, I)
+            x = ops.to_device(data.x_train[rows]) if engine.needs_inputs else None  # (b, I)
             y = ops.to_device(data.y_train[rows])  # (b,)
             loss = engine.train_step(x, y, 1.0 / (stop - start))
             loss_sum += loss

@@ -155,6 +155,48 @@ def test_executor_live_micro_batches_match_simulator(schedule):
     comm.Free()
 
 
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_host_staged_messages_match_direct(schedule):
+    # The GPU path with an MPI library that cannot read device memory sends and
+    # receives through host buffers. Forced on here with NumPy arrays, it must give
+    # bitwise the direct path's gradients, loss and evaluation; the later stages
+    # get no features at all (x=None), only activations.
+    from mpnn.data.batching import share_bounds
+    from mpnn.parallel.partition import partition_layers
+    from mpnn.parallel.pipeline import PipelineEngine
+
+    comm = sub_world(4)
+    if comm is None:
+        return
+    m, rows = 3, 37
+    args = build_parser().parse_args(BASE + ["--dp", "2", "--pp", "2", "--micro-batches", str(m)])
+    results = []
+    for staging in (False, True):
+        grid, data, model, _, _ = setup(args, comm)
+        stages = partition_layers(model.sizes, 2, None)
+        engine = PipelineEngine(model, "cross_entropy", grid, schedule, m, stages,
+                                host_staging=staging)
+        assert engine.host_staging is staging and engine.needs_inputs == (grid.pp_rank == 0)
+        lo, hi = share_bounds(rows, grid.dp_rank, 2)
+        steps = []
+        for _ in range(2):  # the second step reuses every buffer
+            x = data.x_train[lo:hi] if engine.needs_inputs else None
+            loss = engine.train_step(x, data.y_train[lo:hi], 1.0 / rows)
+            steps.append((loss, model.flat.grad.copy()))
+        x_test = data.x_test[:300] if engine.needs_inputs else None
+        steps.append(engine.evaluate(x_test, data.y_test[:300], chunk=128))
+        results.append(steps)
+    direct, staged = results
+    for (l0, g0), (l1, g1) in zip(direct[:2], staged[:2]):
+        assert l0 == l1 and np.array_equal(g0, g1)
+    assert np.any(direct[0][1] != 0)
+    assert direct[2] == staged[2]
+    if grid.pp_rank == 1:  # the last stage holds the evaluation counts
+        assert staged[2][1] > 0
+    comm.Free()
+
+
 # ------------------------------------------------------------ without MPI
 
 

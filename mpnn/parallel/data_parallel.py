@@ -204,6 +204,8 @@ class DataParallelEngine:
     the flat gradient buffer; the caller steps the optimizer.
     """
 
+    needs_inputs = True  # the trainer passes every replica its rows' features
+
     def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER):
         self.model, self.loss = model, loss
         self.ops = model.ops

@@ -23,6 +23,14 @@ and ``2k + 1`` (gradients), so every receive names exactly the message it
 wants. Only uppercase, buffer-based mpi4py calls; every receive buffer is
 preallocated from the layer sizes and the micro-batch rows.
 
+On a GPU (CuPy arrays) with an MPI library that cannot read device memory
+(the PyPI ``mpich`` wheel, for one), messages are *staged on the host*: a
+send waits for the stream, copies the device rows into a host buffer owned
+by the micro-batch (kept until the Isend completes) and sends that; a
+receive lands in a preallocated host buffer and is copied to the device
+buffer when its Wait returns. ``host_staging`` forces the choice (the CPU
+tests run the staged path with NumPy arrays).
+
 Shapes: B rows of a micro-batch, I = sizes[start] (stage input),
 O = sizes[stop] (stage output).
 """
@@ -37,7 +45,7 @@ from ..data.batching import batch_bounds, share_bounds
 from ..model import Context
 from ..params import Layout
 from ..trace import NULL_TRACER
-from .data_parallel import GradientSync
+from .data_parallel import GradientSync, _mpi_cuda_aware
 from .grid import GridError, grid_shape
 from .partition import PartitionError, check_stages, parse_partition
 from .schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
@@ -108,7 +116,8 @@ class _MicroBatch:
 
     def __init__(self):
         self.ctx = Context()
-        self.requests = []  # Isend requests whose buffers live in ctx
+        self.requests = []  # Isend requests whose buffers live in ctx (or in host)
+        self.host = {}  # staged sends: "act" | "grad" -> host copy of the rows sent
 
 
 class PipelineEngine:
@@ -120,10 +129,12 @@ class PipelineEngine:
     schedule    naive | gpipe | 1f1b
     stages      layer range of every stage (rank 0 needs them to gather the model)
     tracer      records forward/backward/recv/send-wait/allreduce spans for --trace
+    host_staging  send/receive through host buffers (default: when the
+                arrays live on a GPU and MPI is not CUDA-aware)
     """
 
     def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None,
-                 tracer=NULL_TRACER):
+                 tracer=NULL_TRACER, host_staging=None):
         self.model, self.loss, self.ops = model, loss, model.ops
         self.tracer = tracer
         self.comm = grid.pp_comm
@@ -131,6 +142,7 @@ class PipelineEngine:
         self.stage, self.p, self.m = grid.pp_rank, grid.pp, int(micro_batches)
         self.stages = list(stages) if stages is not None else None
         self.is_first, self.is_last = self.stage == 0, self.stage == self.p - 1
+        self.needs_inputs = self.is_first  # only the first stage reads the batch's features
         plan = make_schedule(schedule, self.p, self.m)
         sim = simulate(plan, raise_on_deadlock=True)
         self.actions = plan[self.stage]
@@ -144,6 +156,12 @@ class PipelineEngine:
         # per micro-batch receive buffers (rows grow on demand): inputs and dL/d(outputs)
         self._act_in = [xp.empty((0, I), dt) for _ in range(self.m)]  # (B, I)
         self._grad_in = [xp.empty((0, O), dt) for _ in range(self.m)]  # (B, O)
+        if host_staging is None:
+            host_staging = not isinstance(model.flat.grad, np.ndarray) and not _mpi_cuda_aware()
+        self.host_staging = bool(host_staging)
+        if self.host_staging:  # where the messages land before their copy to the device
+            self._act_in_host = [np.empty((0, I), dt) for _ in range(self.m)]
+            self._grad_in_host = [np.empty((0, O), dt) for _ in range(self.m)]
         self._free = []  # recycled _MicroBatch objects
         self._live = {}  # micro-batch -> _MicroBatch between its Forward and Backward
         self._grad_out = {}  # micro-batch -> _MicroBatch whose dL/dh_in awaits SendGrad
@@ -158,12 +176,13 @@ class PipelineEngine:
     def train_step(self, x, labels, scale):
         """One global batch: x (b, I0) and labels (b,) are this replica's rows.
 
-        Leaves the gradient of the global-batch mean loss in the stage's flat
+        Only the first stage reads x (``needs_inputs``; the others may pass
+        None). Leaves the gradient of the global-batch mean loss in the stage's flat
         gradient buffer (summed over replicas); returns the loss sum of these
         rows on the last stage and 0.0 on the others.
         """
         self.model.zero_grad()
-        b = int(x.shape[0])
+        b = int(labels.shape[0])
         self._bounds = [share_bounds(b, k, self.m) for k in range(self.m)]
         self._x, self._labels, self._scale = x, labels, scale
         self._loss_sum = 0.0
@@ -180,22 +199,46 @@ class PipelineEngine:
         lo, hi = self._bounds[k]
         return hi - lo
 
-    def _buffer(self, pool, k, rows):
+    def _buffer(self, pool, k, rows, xp=None):
         """Rows [0, rows) of micro-batch k's receive buffer (contiguous)."""
         if pool[k].shape[0] < rows:
-            pool[k] = self.ops.xp.empty((rows, pool[k].shape[1]), self.model.dtype)
+            pool[k] = (xp or self.ops.xp).empty((rows, pool[k].shape[1]), self.model.dtype)
         return pool[k][:rows]
 
     def _post_receives(self):
-        """Post every receive of the step up front into its preallocated buffer."""
+        """Post every receive of the step up front into its preallocated buffer
+        (the host buffer when staging; ``_recv_act``/``_recv_grad`` copy it over)."""
         for a in self.actions:
             if isinstance(a, RecvAct):
-                buf = self._buffer(self._act_in, a.mb, self._rows(a.mb))
-                self._recv["act", a.mb] = self.comm.Irecv(buf, source=self.stage - 1, tag=2 * a.mb)
+                kind, pool, peer, tag = "act", self._act_in, self.stage - 1, 2 * a.mb
             elif isinstance(a, RecvGrad):
-                buf = self._buffer(self._grad_in, a.mb, self._rows(a.mb))
-                self._recv["grad", a.mb] = self.comm.Irecv(buf, source=self.stage + 1,
-                                                           tag=2 * a.mb + 1)
+                kind, pool, peer, tag = "grad", self._grad_in, self.stage + 1, 2 * a.mb + 1
+            else:
+                continue
+            buf = self._buffer(pool, a.mb, self._rows(a.mb))
+            if self.host_staging:
+                buf = self._buffer(self._act_in_host if kind == "act" else self._grad_in_host,
+                                   a.mb, self._rows(a.mb), np)
+            self._recv[kind, a.mb] = self.comm.Irecv(buf, source=peer, tag=tag)
+
+    def _isend(self, mb, kind, rows, dest, tag):
+        """Isend ``rows`` (B, F) for micro-batch ``mb``; the request joins
+        ``mb.requests`` (and the staged host copy stays in ``mb.host``)."""
+        self.ops.synchronize()  # the kernels writing rows must have finished
+        if self.host_staging:
+            host = mb.host.get(kind)
+            if host is None or host.shape[0] < rows.shape[0] or host.shape[1] != rows.shape[1]:
+                host = mb.host[kind] = np.empty(rows.shape, self.model.dtype)
+            rows = _copy_to_host(rows, host[:rows.shape[0]])
+        mb.requests.append(self.comm.Isend(rows, dest=dest, tag=tag))
+
+    def _landed(self, kind, k):
+        """After micro-batch k's receive completed: staged data onto the device."""
+        if self.host_staging:
+            rows = self._rows(k)
+            dev, host = ((self._act_in, self._act_in_host) if kind == "act"
+                         else (self._grad_in, self._grad_in_host))
+            _copy_from_host(host[k][:rows], dev[k][:rows])
 
     def _wait(self, requests, timed=True):
         """Wait for requests; the time counts as this stage's idle time."""
@@ -210,10 +253,12 @@ class PipelineEngine:
     def _recv_act(self, a):
         with self.tracer.span("recv act", mb=a.mb):
             self._wait([self._recv.pop(("act", a.mb))])
+        self._landed("act", a.mb)
 
     def _recv_grad(self, a):
         with self.tracer.span("recv grad", mb=a.mb):
             self._wait([self._recv.pop(("grad", a.mb))])
+        self._landed("grad", a.mb)
 
     def _forward(self, a):
         k = a.mb
@@ -237,8 +282,7 @@ class PipelineEngine:
     def _send_act(self, a):
         mb = self._live[a.mb]
         out = mb.ctx.outputs[self.model.layers.stop - 1]  # (B, O), read by Backward too
-        self.ops.synchronize()
-        mb.requests.append(self.comm.Isend(out, dest=self.stage + 1, tag=2 * a.mb))
+        self._isend(mb, "act", out, self.stage + 1, 2 * a.mb)
 
     def _backward(self, a):
         k = a.mb
@@ -260,8 +304,7 @@ class PipelineEngine:
         start = self.model.layers.start
         dh = mb.ctx.grads[start][:rows] if rows else \
             self.ops.xp.empty((0, self.model.in_features), self.model.dtype)  # (B, I)
-        self.ops.synchronize()
-        mb.requests.append(self.comm.Isend(dh, dest=self.stage - 1, tag=2 * a.mb + 1))
+        self._isend(mb, "grad", dh, self.stage - 1, 2 * a.mb + 1)
         self._free.append(mb)  # reused only after its requests complete (see _forward)
 
     def _step(self, a):
@@ -279,19 +322,27 @@ class PipelineEngine:
     def evaluate(self, x, labels, chunk=2048):
         """Forward-only through the pipeline over this replica's rows x (n, I0).
 
-        Chunks flow stage to stage (the next chunk's forward overlaps the
-        previous chunk's send). Returns (loss_sum, n_correct) on the last
-        stage, (0.0, 0) on the others.
+        Only the first stage reads x (the others may pass None). Chunks flow
+        stage to stage (the next chunk's forward overlaps the previous
+        chunk's send). Returns (loss_sum, n_correct) on the last stage,
+        (0.0, 0) on the others.
         """
         loss_sum, correct = 0.0, 0
+        n = int(labels.shape[0])
         slots = [_MicroBatch(), _MicroBatch()]  # double-buffered outputs
-        inbuf = self.ops.xp.empty((min(chunk, x.shape[0]), self.model.in_features), self.model.dtype)
-        for j, (lo, hi) in enumerate(batch_bounds(x.shape[0], chunk)):
+        shape = (min(chunk, n), self.model.in_features)
+        inbuf = self.ops.xp.empty(shape, self.model.dtype)
+        inhost = np.empty(shape, self.model.dtype) if self.host_staging else None
+        for j, (lo, hi) in enumerate(batch_bounds(n, chunk)):
             if self.is_first:
                 h = x[lo:hi]
             else:
                 h = inbuf[:hi - lo]
-                self.comm.Recv(h, source=self.stage - 1, tag=EVAL_TAG)
+                if inhost is None:
+                    self.comm.Recv(h, source=self.stage - 1, tag=EVAL_TAG)
+                else:
+                    self.comm.Recv(inhost[:hi - lo], source=self.stage - 1, tag=EVAL_TAG)
+                    _copy_from_host(inhost[:hi - lo], h)
             slot = slots[j % 2]
             self._wait(slot.requests, timed=False)
             slot.requests.clear()
@@ -300,8 +351,7 @@ class PipelineEngine:
                 l, c = self.ops.predict_stats(out, labels[lo:hi], self.loss)
                 loss_sum, correct = loss_sum + l, correct + c
             else:
-                self.ops.synchronize()
-                slot.requests.append(self.comm.Isend(out, dest=self.stage + 1, tag=EVAL_TAG))
+                self._isend(slot, "act", out, self.stage + 1, EVAL_TAG)
         for slot in slots:
             self._wait(slot.requests, timed=False)
         return loss_sum, correct
@@ -362,3 +412,20 @@ class PipelineEngine:
 
 def _rounded(a):
     return [round(float(v), 6) for v in a]
+
+
+def _copy_to_host(src, out):
+    """Device (or host) rows src into the host buffer out; returns out."""
+    if isinstance(src, np.ndarray):
+        np.copyto(out, src)
+    else:
+        src.get(out=out)
+    return out
+
+
+def _copy_from_host(src, out):
+    """Host rows src into the device (or host) buffer out."""
+    if isinstance(out, np.ndarray):
+        np.copyto(out, src)
+    else:
+        out.set(src)
