@@ -110,15 +110,21 @@ class BucketedGradientSync:
         self._progress()
 
     def wait(self):
-        """Start the buckets not started yet, then complete every request."""
+        """Sum the buckets not started yet, then complete every request.
+
+        A bucket still unstarted here (the first layers', which backward
+        finishes last) has nothing left to overlap with, so it takes the
+        blocking ``Allreduce``: MPI libraries run it with faster algorithms
+        than ``Iallreduce`` + ``Wait``. Every rank walks the buckets in the
+        same order, so the collectives match."""
         if self.comm is None:
             return
         from mpi4py import MPI
 
         for k in range(len(self.buckets)):
             if self._requests[k] is None:
-                self._start(k)
-        MPI.Request.Waitall(self._requests)
+                self._start(k, blocking=True)
+        MPI.Request.Waitall([r for r in self._requests if r is not True])
         if self._host is not None:
             for b in self.buckets:
                 self.grad[b.start:b.stop].set(self._host[b.start:b.stop])
@@ -130,7 +136,8 @@ class BucketedGradientSync:
 
     # -------------------------------------------------------------- helpers
 
-    def _start(self, k):
+    def _start(self, k, blocking=False):
+        """Start bucket k's sum (``blocking``: do it now; its request is then True)."""
         from mpi4py import MPI
 
         b = self.buckets[k]
@@ -141,14 +148,18 @@ class BucketedGradientSync:
             self.grad[b.start:b.stop].get(out=buf)
         else:
             buf = self.grad[b.start:b.stop]
-        self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if blocking:
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self._requests[k] = True
+        else:
+            self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
     def _progress(self):
         """Let MPI advance the started requests (MPICH progresses non-blocking
         collectives only inside MPI calls, so poke it between layers)."""
         from mpi4py import MPI
 
-        started = [r for r in self._requests if r is not None]
+        started = [r for r in self._requests if r is not None and r is not True]
         if started:
             MPI.Request.Testall(started)
 
