@@ -416,6 +416,8 @@ def _rounded(a):
 
 def _copy_to_host(src, out):
     """Device (or host) rows src into the host buffer out; returns out."""
+    if src.size == 0:  # an empty micro-batch of a small last batch
+        return out
     if isinstance(src, np.ndarray):
         np.copyto(out, src)
     else:
@@ -425,6 +427,8 @@ def _copy_to_host(src, out):
 
 def _copy_from_host(src, out):
     """Host rows src into the device (or host) buffer out."""
+    if src.size == 0:
+        return
     if isinstance(out, np.ndarray):
         np.copyto(out, src)
     else:
