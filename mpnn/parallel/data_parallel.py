@@ -110,21 +110,15 @@ class BucketedGradientSync:
         self._progress()
 
     def wait(self):
-        """Sum the buckets not started yet, then complete every request.
-
-        A bucket still unstarted here (the first layers', which backward
-        finishes last) has nothing left to overlap with, so it takes the
-        blocking ``Allreduce``: MPI libraries run it with faster algorithms
-        than ``Iallreduce`` + ``Wait``. Every rank walks the buckets in the
-        same order, so the collectives match."""
+        """Start the buckets not started yet, then complete every request."""
         if self.comm is None:
             return
         from mpi4py import MPI
 
         for k in range(len(self.buckets)):
             if self._requests[k] is None:
-                self._start(k, blocking=True)
-        MPI.Request.Waitall([r for r in self._requests if r is not True])
+                self._start(k)
+        MPI.Request.Waitall(self._requests)
         if self._host is not None:
             for b in self.buckets:
                 self.grad[b.start:b.stop].set(self._host[b.start:b.stop])
@@ -136,8 +130,7 @@ class BucketedGradientSync:
 
     # -------------------------------------------------------------- helpers
 
-    def _start(self, k, blocking=False):
-        """Start bucket k's sum (``blocking``: do it now; its request is then True)."""
+    def _start(self, k):
         from mpi4py import MPI
 
         b = self.buckets[k]
@@ -148,18 +141,14 @@ class BucketedGradientSync:
             self.grad[b.start:b.stop].get(out=buf)
         else:
             buf = self.grad[b.start:b.stop]
-        if blocking:
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            self._requests[k] = True
-        else:
-            self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
     def _progress(self):
         """Let MPI advance the started requests (MPICH progresses non-blocking
         collectives only inside MPI calls, so poke it between layers)."""
         from mpi4py import MPI
 
-        started = [r for r in self._requests if r is not None and r is not True]
+        started = [r for r in self._requests if r is not None]
         if started:
             MPI.Request.Testall(started)
 
