@@ -123,6 +123,12 @@ def check_checkpoint_options(args):
         except OSError as e:
             raise CheckpointError(f"--checkpoint-dir {d}: cannot write there "
                                   f"({e.strerror or e})") from None
+        earlier = list_checkpoints(d)
+        if earlier and not args.resume:  # a new run there would prune its own files by step
+            raise CheckpointError(
+                f"--checkpoint-dir {d} already holds {len(earlier)} checkpoint(s) of an earlier "
+                f"run (newest {os.path.basename(earlier[-1])}): add --resume to continue that "
+                f"run, or give a new run an empty directory")
 
 
 # ------------------------------------------------------------ file format
@@ -167,6 +173,25 @@ def list_checkpoints(directory):
 def latest_checkpoint(directory):
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def check_output_file(option, path):
+    """Before any work: ``path`` can be written as a file (by ``atomic_write``).
+
+    Refuses a directory (or a path ending in a separator), a missing parent
+    directory, and one where a real test write fails (``os.access`` says yes
+    to root, and to filesystems such as /proc). Raises ValueError."""
+    if str(path).endswith(os.sep) or os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory; give a file name in it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: directory {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: directory {folder} is not writable "
+                         f"({e.strerror or e})") from None
 
 
 def atomic_write(path, write):

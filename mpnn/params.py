@@ -83,7 +83,19 @@ class FlatParams:
         return {name: _to_host(v).copy() for name, v in self.params.items()}
 
     def load_state_dict(self, arrays, source="weights"):
-        """Copy named arrays in, checking that every name and shape matches."""
+        """Copy named arrays in, checking that every name, shape and value fits.
+
+        ``arrays`` names the whole model's tensors (a pipeline stage takes its
+        own layers); a tensor of a layer the model does not have, a missing
+        one, a wrong shape, values that are not real numbers, or NaN/inf are
+        each a ValueError naming the tensor."""
+        sizes = "-".join(map(str, self.layout.sizes))
+        n_layers = len(self.layout.sizes) - 1
+        known = {f"layers.{i}.{kind}" for i in range(n_layers) for kind in ("weight", "bias")}
+        unknown = [n for n in arrays if n not in known]
+        if unknown:
+            raise ValueError(f"{source}: holds {', '.join(unknown)}, which a {sizes} model does "
+                             f"not have (saved for another architecture?)")
         missing = [n for n in self.params if n not in arrays]
         if missing:
             raise ValueError(f"{source}: missing {', '.join(missing)} "
@@ -92,7 +104,11 @@ class FlatParams:
             a = np.asarray(arrays[name])
             if a.shape != view.shape:
                 raise ValueError(f"{source}: {name} has shape {a.shape}, but the model "
-                                 f"needs {view.shape} (sizes {'-'.join(map(str, self.layout.sizes))})")
+                                 f"needs {view.shape} (sizes {sizes})")
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"{source}: {name} holds {a.dtype} values, not real numbers")
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"{source}: {name} holds NaN or infinite values")
             view[...] = a.astype(self.dtype) if isinstance(view, np.ndarray) else _to_device(view, a)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 
 
@@ -34,6 +35,19 @@ def read_metrics(path):
         if missing:
             raise ValueError(f"{path}: record {n} lacks {', '.join(missing)}")
     return records
+
+
+def image_format(path):
+    """The image format matplotlib will write for ``path`` (its extension; png
+    without one). Raises ValueError, naming the formats, when it has none such."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in known:
+        raise ValueError(f"{path}: matplotlib cannot write .{fmt} images; use one of "
+                         f"{', '.join('.' + k for k in sorted(known))}")
+    return fmt
 
 
 def plot_metrics(records, path, title=None):
@@ -65,8 +79,7 @@ def plot_metrics(records, path, title=None):
         fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fmt = path.rsplit(".", 1)[-1].lower() if "." in path else "png"
-    fig.savefig(buf, format=fmt, dpi=110)
+    fig.savefig(buf, format=image_format(path), dpi=110)
     plt.close(fig)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 

@@ -82,6 +82,16 @@ def plot(result, title, path):
 def main(argv=None):
     args = parse_args(argv)
     p, m = args.pp, args.micro_batches
+    if args.plot:  # a bad image path is refused before any output
+        from .checkpoint import check_output_file
+        from .plot import image_format
+
+        try:
+            check_output_file("--plot", args.plot)
+            image_format(args.plot)
+        except ValueError as e:
+            print(f"mpnn.schedule: error: {e}", file=sys.stderr)
+            return 2
     schedule = make_schedule(args.schedule, p, m)
     result = simulate(schedule)
     print(f"schedule {args.schedule}: {p} stages, {m} micro-batches")

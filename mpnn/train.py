@@ -28,7 +28,8 @@ import zlib
 import numpy as np
 
 from .checkpoint import (Checkpointer, add_checkpoint_options, atomic_write,
-                         check_checkpoint_options, check_finite, keep_metrics, load_resume)
+                         check_checkpoint_options, check_finite, check_output_file, keep_metrics,
+                         load_resume)
 from .data import DATASETS, load_dataset
 from .data.batching import batch_bounds, epoch_permutation, share_bounds
 from .kernels import BACKENDS, get_ops
@@ -39,6 +40,7 @@ from .parallel.grid import GridError, make_grid
 from .parallel.partition import format_partition, partition_layers
 from .parallel.pipeline import (PipelineConfigError, PipelineEngine, add_pipeline_options,
                                 check_pipeline_config)
+from .plot import image_format
 from .threads import configure_threads
 from .trace import NULL_TRACER, make_tracer
 
@@ -161,11 +163,20 @@ def validate(args, world_size):
     for option, path in (("--save", args.save), ("--metrics", args.metrics),
                          ("--trace", args.trace), ("--plot", args.plot)):
         if path:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise ConfigError(f"{option} {path}: directory {folder} does not exist")
-            if not os.access(folder, os.W_OK):
-                raise ConfigError(f"{option} {path}: directory {folder} is not writable")
+            try:
+                check_output_file(option, path)
+                if option == "--plot":
+                    try:
+                        image_format(path)
+                    except ValueError as e:
+                        raise ValueError(f"--plot {e}") from None
+                if option == "--metrics" and os.path.exists(path) and not os.access(path, os.W_OK):
+                    raise ValueError(f"--metrics {path}: the file is not writable")  # appended to
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        raise ConfigError(f"--data-dir {args.data_dir}: no such directory (it should hold the "
+                          f"IDX files, or <dataset>/ with them)")
     if args.init and not os.path.isfile(args.init):
         raise ConfigError(f"--init {args.init}: no such file")
     check_checkpoint_options(args)  # and creates --checkpoint-dir
@@ -201,9 +212,16 @@ def save_weights(path, arrays):
 def load_weights(path):
     """Named arrays of a ``--save`` file (never unpickles)."""
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
+        z = np.load(path, allow_pickle=False)
     except Exception as e:  # zipfile, format and pickle-refusal errors alike
+        raise ConfigError(f"--init {path}: not a readable mpnn weights file ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # a lone .npy array (or a text file)
+        raise ConfigError(f"--init {path}: not an .npz of named tensors (layers.0.weight, ...) "
+                          f"as --save writes")
+    try:
+        with z:
+            return {name: z[name] for name in z.files}
+    except Exception as e:
         raise ConfigError(f"--init {path}: not a readable mpnn weights file ({e})") from None
 
 

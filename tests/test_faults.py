@@ -98,7 +98,42 @@ CASES = [
     ("corrupt-checkpoint", lambda t: ["--checkpoint-dir", _corrupt_checkpoint(t), "--resume"], 2,
      "ckpt-000000023.npz: unreadable, truncated or not an .npz", 2),
     ("missing-resume-file", lambda t: ["--resume", t / "nope.npz"], 2, "nope.npz: no such file", 2),
+    ("save-path-is-a-directory", lambda t: ["--save", t], 2, "is a directory; give a file name", 2),
+    ("trace-under-proc", lambda t: ["--trace", "/proc/t.json"], 2,
+     "--trace /proc/t.json: directory /proc is not writable", 2),
+    ("plot-unknown-format", lambda t: ["--plot", t / "c.xyz"], 2, "matplotlib cannot write .xyz", 2),
+    ("data-dir-missing", lambda t: ["--dataset", "mnist", "--data-dir", t / "typo"], 2,
+     "typo: no such directory", 2),
+    ("idx-without-samples", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", images=0)],
+     2, "train-images-idx3-ubyte: holds no images", 2),
+    ("init-with-nan", lambda t: ["--init", _weights(t, nan=True)], 2,
+     "layers.0.weight holds NaN or infinite values", 2),
+    ("init-other-architecture", lambda t: ["--init", _weights(t, extra=True)], 2,
+     "holds layers.2.weight, which a 64-16-10 model does not have", 2),
+    ("checkpoint-dir-of-another-run", lambda t: ["--checkpoint-dir", _finished_run(t)], 2,
+     "already holds 1 checkpoint(s) of an earlier run (newest ckpt-000000023.npz): add --resume", 2),
 ]
+
+
+def _weights(tmp_path, nan=False, extra=False):
+    """A --save file for FAST's model, broken as asked."""
+    from mpnn.train import build_parser, setup
+
+    state = setup(build_parser().parse_args(FAST), None)[2].state_dict()
+    if nan:
+        state["layers.0.weight"][3, 4] = np.nan
+    if extra:
+        state["layers.2.weight"] = np.zeros((10, 10))
+    path = tmp_path / "w.npz"
+    np.savez(path, **state)
+    return path
+
+
+def _finished_run(tmp_path):
+    d = tmp_path / "ck-done"
+    rc, out, _ = cli(*FAST, "--checkpoint-dir", d, "--checkpoint-keep", "1")
+    assert rc == 0, out
+    return d
 
 
 def _file(tmp_path):

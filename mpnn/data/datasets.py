@@ -245,6 +245,8 @@ def _load_split(images_path, labels_path, dtype):
     if images.dtype != np.uint8:
         raise DataError(f"{images_path}: expected unsigned-byte pixels (IDX code 0x08), "
                         f"found {images.dtype}")
+    if len(images) == 0:
+        raise DataError(f"{images_path}: holds no images (its sample count is 0)")
     x = images.reshape(len(images), -1).astype(dtype)  # (N, D)
     x /= 255
     return x, labels
