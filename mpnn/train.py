@@ -338,7 +338,32 @@ def setup(args, comm, validated=False):
     model = MLP(sizes, args.activation, dtype, args.seed, layers=layers, ops=ops)
     if args.init:
         model.load_state_dict(load_weights(args.init), source=f"--init {args.init}")
+    warm_up(model, args, data)
     return grid, data, model, threads, warning
+
+
+def warm_up(model, args, data):
+    """Compile (or load from numba's cache) every kernel the run will call, so
+    the first epoch's time and samples/s measure training, not compilation.
+
+    One step of a throwaway 3-layer model with the run's ops, dtype,
+    activation, loss and optimizer: the same kernels on arrays of the same
+    types. Rank-local, and the run's own model and data are not touched."""
+    from .model import Context
+
+    ops = model.ops
+    tiny = MLP([data.n_features, 2, 2, data.num_classes], args.activation, model.dtype, 0, ops=ops)
+    x = ops.to_device(data.x_train[:2])  # (2, I), as the trainer's gathered rows
+    y = ops.to_device(data.y_train[:2])
+    ctx = Context()
+    logits = tiny.forward(x, ctx)  # (2, C)
+    dlogits = ops.xp.empty_like(logits)
+    ops.loss(args.loss, logits, y, 0.5, dlogits)
+    tiny.backward(dlogits, ctx, need_input_grad=True)
+    ops.predict_stats(tiny.forward(x, ctx), y, args.loss)
+    make_optimizer(args.optimizer, tiny.flat, ops, 1e-3, args.momentum, args.nesterov,
+                   args.weight_decay).step(1e-3)
+    ops.synchronize()
 
 
 def train(args, comm=None, grid=None, data=None, model=None, log=print, resume=None):

@@ -112,3 +112,36 @@ def test_errors_end_every_rank_under_mpirun():
     rc, out = cli("--dataset", "digits", "--batch-size", "1", ranks=2, timeout=60)
     assert rc != 0
     assert out.count("--batch-size 1 is smaller than the 2 ranks") == 1, out
+
+
+WARM_UP_CHECK = """
+import sys
+from numba.core.registry import CPUDispatcher
+from mpnn.kernels import numba_ops
+from mpnn.train import build_parser, setup, train
+
+kernels = [f for f in vars(numba_ops).values() if isinstance(f, CPUDispatcher)]
+args = build_parser().parse_args(sys.argv[1:])
+grid, data, model, _, _ = setup(args, None)
+compiled = {f.__name__: len(f.signatures) for f in kernels}
+assert sum(compiled.values()) > 0, compiled
+train(args, None, grid, data, model, log=lambda *a: None)
+after = {f.__name__: len(f.signatures) for f in kernels}
+assert after == compiled, f"compiled during training: {after} (after setup: {compiled})"
+"""
+
+
+@pytest.mark.parametrize("extra", [
+    ["--optimizer", "adam", "--weight-decay", "0.01"],
+    ["--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--activation", "tanh", "--loss", "mse",
+     "--dtype", "float64"],
+    ["--optimizer", "sgd", "--momentum", "0", "--activation", "sigmoid"],
+])
+def test_setup_compiles_every_kernel_the_run_calls(extra):
+    # setup's warm-up runs the run's kernels on arrays of the run's types, so the
+    # first epoch compiles nothing (its time and samples/s measure training only).
+    # A fresh process: kernels compiled by other tests would hide a gap.
+    argv = FAST + ["--backend", "numba", "--batch-size", "100"] + extra
+    p = subprocess.run([sys.executable, "-c", WARM_UP_CHECK, *argv], capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stdout + p.stderr
