@@ -102,7 +102,7 @@ ACTIVATIONS = {
 # ---------------------------------------------------------------------------- losses
 # Both losses return the *sum* of the per-row losses and the gradient of
 # ``scale · sum``. The trainer passes ``scale = 1 / global_batch``: that is
-# the one place the batch mean enters the math (DESIGN.md, decision 3), so
+# the one place the batch mean enters the math, so
 # micro-batches and data-parallel ranks add up to the serial gradient.
 
 

@@ -254,7 +254,7 @@ def _sum_over(comm, values):
 
 
 def check_replicas_agree(comm, flat, when=None):
-    """Decision 4: every replica holds the same parameters, at the start (``when``
+    """Every replica must hold the same parameters, at the start (``when``
     None) and at the periodic checks (``when`` says which). Names world ranks."""
     if comm is None or comm.Get_size() == 1:
         return
@@ -298,7 +298,10 @@ def lr_at(args, base_lr, step, total_steps):
 
 def load_data(args, comm, dtype):
     """Rank 0 loads (and downloads if needed) first; the others then read the
-    files it found or fetched, so a node never downloads the same file twice."""
+    files it found or fetched, so a shared cache is downloaded into once. A
+    rank that does not see rank 0's files (a node with its own home
+    directory) downloads them itself: downloads are atomic, so ranks of one
+    node fetching the same file at once still leave one whole file."""
     rank = comm.Get_rank() if comm is not None else 0
     load = lambda download: load_dataset(args.dataset, data_dir=args.data_dir, dtype=dtype,  # noqa: E731
                                          download=download, progress=not args.quiet and rank == 0)
@@ -314,7 +317,7 @@ def load_data(args, comm, dtype):
         if rank == 0:
             raise error
         raise SystemExit(2)  # rank 0 reports the problem for everyone
-    return data if rank == 0 else load(False)
+    return data if rank == 0 else load(True)
 
 
 def setup(args, comm, validated=False):
@@ -538,7 +541,21 @@ def _on_every_rank(comm, rank, step):
 
 
 def main(argv=None):
+    """``python -m mpnn.train``: returns the exit status (0, 1 training failed,
+    2 bad options or files, 130 interrupted)."""
     comm = _world()
+    try:
+        return _main(comm, argv)
+    except KeyboardInterrupt:  # Ctrl-C: mpirun passes it to every rank
+        rank = comm.Get_rank() if comm is not None else 0
+        print(f"mpnn.train: interrupted on rank {rank}; ending the job (checkpoints already "
+              f"written stay)", file=sys.stderr, flush=True)
+        if comm is not None and comm.Get_size() > 1:
+            comm.Abort(130)  # a rank waiting in a collective would never hear of it
+        return 130
+
+
+def _main(comm, argv):
     rank = comm.Get_rank() if comm is not None else 0
     world = comm.Get_size() if comm is not None else 1
     parser = build_parser()

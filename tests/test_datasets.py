@@ -9,6 +9,10 @@ absence is a failure.
 import functools
 import hashlib
 import http.server
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -195,6 +199,39 @@ def test_download_checksum_mismatch_leaves_cache_empty(roots, mirror, monkeypatc
     with pytest.raises(DataError, match="checksum mismatch"):
         load_dataset("mnist", progress=False)
     assert not (roots["cache"] / "mnist").exists()
+
+
+PER_NODE_CACHE_RUN = """
+import json, sys
+from mpnn.data import datasets, download
+download.FILES["mnist"] = json.loads(sys.argv[1])
+datasets.search_dirs = lambda name, data_dir=None: []  # only this rank's download cache
+from mpnn.train import main
+sys.exit(main(["--dataset", "mnist", "--quiet", "--epochs", "1", "--hidden", "8",
+               "--batch-size", "2"]))
+"""
+
+
+def test_ranks_with_their_own_cache_download_for_themselves(mirror, tmp_path):
+    # nodes with separate home directories: rank 1 does not see what rank 0
+    # fetched, and must fetch it too (not fail with "downloading is disabled")
+    served, url = mirror
+    _write_idx_dir(served, 42, gz=True)
+    sums = {f"{s}.gz": hashlib.sha256((served / f"{s}.gz").read_bytes()).hexdigest()
+            for s in STEMS}
+    homes = [tmp_path / "node0", tmp_path / "node1"]
+    env = {k: v for k, v in os.environ.items() if k != "MPNN_DATA"}
+    env.update(MPNN_MIRROR=url, OMP_NUM_THREADS="1")
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    cmd = [mpirun]
+    for i, home in enumerate(homes):  # MPMD: one rank per "node", each with its HOME
+        home.mkdir()
+        cmd += ([":"] if i else []) + ["-n", "1", "-env", "HOME", str(home), sys.executable,
+                                       "-c", PER_NODE_CACHE_RUN, json.dumps(sums)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for home in homes:
+        assert sorted(x.name for x in (home / ".cache" / "mpnn" / "mnist").iterdir()) == sorted(sums)
 
 
 # ------------------------------------------------------------------- arguments

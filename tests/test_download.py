@@ -2,7 +2,12 @@
 
 import hashlib
 import http.server
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -14,11 +19,24 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """/good/<f>: PAYLOAD;  /evil/<f>: other bytes;  /die/<f>: half, then hang up;  else 404."""
+    """/good/<f>: PAYLOAD;  /evil/<f>: other bytes;  /die/<f>: half, then hang up;
+    /slow/<f>: 1 KB every 0.1 s (for interrupting);  else 404."""
 
     def do_GET(self):
         kind = self.path.strip("/").split("/")[0]
         self.server.hits.append(self.path)
+        if kind == "slow":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            try:
+                for start in range(0, len(PAYLOAD), 1024):
+                    self.wfile.write(PAYLOAD[start:start + 1024])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client went away
+                pass
+            return
         if kind not in ("good", "evil", "die"):
             self.send_error(404)
             return
@@ -154,3 +172,62 @@ def test_checksum_table_is_well_formed():
                                                         "t10k-labels-idx1-ubyte")}, name
         for sha in files.values():
             assert len(sha) == 64 and int(sha, 16) >= 0
+
+
+def test_unwritable_directory_is_a_data_error(server, tmp_path, monkeypatch):
+    base, _ = server
+
+    def refused(**kwargs):  # root ignores permissions: refuse the way a read-only mount does
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(dl.tempfile, "mkstemp", refused)
+    with pytest.raises(DataError, match="cannot write into the download directory .*--data-dir"):
+        dl.download_file(f"{base}/good/f.gz", tmp_path / "f.gz", SHA, progress=False)
+
+
+def test_stale_part_files_of_killed_downloads_are_removed(server, tmp_path):
+    base, _ = server
+    stale, live = tmp_path / ".a.gz.old1.part", tmp_path / ".a.gz.live.part"
+    stale.write_bytes(b"half a file")
+    live.write_bytes(b"another job's download in progress")
+    hours_ago = time.time() - 2 * dl.STALE_PART_S
+    os.utime(stale, (hours_ago, hours_ago))
+    dl.fetch("mnist", tmp_path, mirrors=f"{base}/good", progress=False, files={"a.gz": SHA})
+    assert _listing(tmp_path) == [live.name, "a.gz"]
+
+
+CTRL_C_RUN = """
+import sys
+from mpnn.data import datasets, download
+download.FILES["mnist"] = {name: sys.argv[1] for name in download.FILES["mnist"]}
+datasets.search_dirs = lambda name, data_dir=None: []  # only the (empty) download cache
+from mpnn.train import main
+sys.exit(main(["--dataset", "mnist", "--quiet"]))
+"""
+
+
+def test_ctrl_c_during_a_download_under_mpirun_ends_the_job(server, tmp_path):
+    # rank 0 downloads while rank 1 waits for it in a collective: the interrupt
+    # must end both (MPI_Abort), and leave no partial file
+    base, _ = server
+    env = {k: v for k, v in os.environ.items() if k != "MPNN_DATA"}
+    env.update(HOME=str(tmp_path), MPNN_MIRROR=f"{base}/slow", OMP_NUM_THREADS="1")
+    mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    job = subprocess.Popen([mpirun, "-n", "2", sys.executable, "-c", CTRL_C_RUN, SHA],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    cache = tmp_path / ".cache" / "mpnn" / "mnist"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cache.glob(".*.part")):  # the download is under way
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0]
+            time.sleep(0.1)
+        job.send_signal(signal.SIGINT)  # Ctrl-C at the terminal reaches mpirun
+        out, _ = job.communicate(timeout=30)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode != 0, out
+    assert "mpnn.train: interrupted on rank 0" in out, out
+    assert not list(cache.glob("*")) if cache.exists() else True

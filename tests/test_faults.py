@@ -35,17 +35,22 @@ def cli(*argv, ranks=None, timeout=LIMIT, code=None, cwd=None):
     return p.returncode, p.stdout + p.stderr, time.monotonic() - t0
 
 
-def idx_dir(root, name, images=50, labels=None, magic=False, truncate=False):
+def idx_dir(root, name, images=50, labels=None, magic=False, truncate=False, side=28,
+            as_dir=False):
     """A directory of the four MNIST-named IDX files, optionally broken."""
     d = root / name
     d.mkdir()
     rng = np.random.default_rng(0)
-    write_idx(d / "train-images-idx3-ubyte", rng.integers(0, 255, (images, 28, 28)).astype(np.uint8))
+    if as_dir:  # a directory where the training images file should be
+        (d / "train-images-idx3-ubyte.gz").mkdir()
+    else:
+        write_idx(d / "train-images-idx3-ubyte",
+                  rng.integers(0, 255, (images, 28, side)).astype(np.uint8))
     write_idx(d / "train-labels-idx1-ubyte", rng.integers(0, 10, (labels or images,)).astype(np.uint8))
-    write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 255, (20, 28, 28)).astype(np.uint8))
+    write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 255, (20, 28, side)).astype(np.uint8))
     write_idx(d / "t10k-labels-idx1-ubyte", rng.integers(0, 10, (20,)).astype(np.uint8))
     images_file = d / "train-images-idx3-ubyte"
-    raw = images_file.read_bytes()
+    raw = images_file.read_bytes() if not as_dir else b""
     if magic:
         images_file.write_bytes(b"PK\x03\x04" + raw[4:])
     if truncate:
@@ -104,6 +109,11 @@ CASES = [
     ("plot-unknown-format", lambda t: ["--plot", t / "c.xyz"], 2, "matplotlib cannot write .xyz", 2),
     ("data-dir-missing", lambda t: ["--dataset", "mnist", "--data-dir", t / "typo"], 2,
      "typo: no such directory", 2),
+    ("idx-is-a-directory", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", as_dir=True)],
+     2, "train-images-idx3-ubyte.gz: is a directory, not an IDX file", 2),
+    ("idx-images-without-pixels",
+     lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", side=0)], 2,
+     "train-images-idx3-ubyte: its images have no pixels (dimensions 28 x 0)", 2),
     ("idx-without-samples", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", images=0)],
      2, "train-images-idx3-ubyte: holds no images", 2),
     ("init-with-nan", lambda t: ["--init", _weights(t, nan=True)], 2,

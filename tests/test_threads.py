@@ -1,5 +1,5 @@
 """Thread guard arithmetic: each rank's share of the node's cores, and the
-oversubscription warning (DESIGN.md decision 9)."""
+oversubscription warning."""
 
 from __future__ import annotations
 

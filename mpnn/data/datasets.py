@@ -193,7 +193,7 @@ def _find_files(directory: Path):
     found = {}
     for stem in IDX_FILES:
         for candidate in (directory / stem, directory / f"{stem}.gz"):
-            if candidate.is_file():
+            if candidate.exists():  # a directory by that name is reported by the reader
                 found[stem] = candidate
                 break
     return found
@@ -247,6 +247,9 @@ def _load_split(images_path, labels_path, dtype):
                         f"found {images.dtype}")
     if len(images) == 0:
         raise DataError(f"{images_path}: holds no images (its sample count is 0)")
+    if images[0].size == 0:
+        raise DataError(f"{images_path}: its images have no pixels (dimensions "
+                        f"{' x '.join(map(str, images.shape[1:]))})")
     x = images.reshape(len(images), -1).astype(dtype)  # (N, D)
     x /= 255
     return x, labels

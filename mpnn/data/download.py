@@ -4,7 +4,11 @@ Each file is streamed from the first mirror that answers into a temporary
 file *in the target directory*, hashed on the way, fsynced, and renamed into
 place only when its SHA-256 matches the published ``.gz`` file. On any
 failure (HTTP error, dropped connection, checksum mismatch, Ctrl-C) the
-temporary file is removed: the directory never holds a partial file.
+temporary file is removed, so the data file itself is never partial. A
+process killed outright (SIGKILL, or SIGTERM, which Python does not turn
+into an exception) cannot clean up: its ``.NAME.*.part`` file is never read,
+and the next fetch into that directory removes it once it is an hour stale
+(a live download keeps touching its own).
 
 Mirrors are tried in order. ``mirrors=`` (a list of base URLs) or the
 environment variable ``MPNN_MIRROR`` (base URLs separated by commas)
@@ -26,6 +30,7 @@ import hashlib
 import http.client
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,7 +39,7 @@ from tqdm import tqdm
 
 from .idx import DataError
 
-__all__ = ["MIRRORS", "FILES", "mirrors_for", "download_file", "fetch"]
+__all__ = ["MIRRORS", "FILES", "mirrors_for", "download_file", "fetch", "remove_stale_parts"]
 
 MIRRORS = {
     "mnist": (
@@ -100,7 +105,12 @@ def download_file(url, dest, sha256, progress=True, timeout=_TIMEOUT_S) -> Path:
     mismatch); ``dest`` is then untouched and no temporary file remains.
     """
     dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as e:
+        raise DataError(f"cannot write into the download directory {dest.parent} "
+                        f"({e.strerror or e}); pass --data-dir DIR with files you downloaded "
+                        f"yourself, or make it writable") from e
     try:
         h, received, length = hashlib.sha256(), 0, None
         with os.fdopen(fd, "wb") as out:
@@ -185,7 +195,26 @@ def fetch(name, dest_dir, mirrors=None, progress=True, files=None) -> Path:
     return dest_dir
 
 
+STALE_PART_S = 3600  # a .part file untouched this long belongs to a killed download
+
+
+def remove_stale_parts(directory, now=None):
+    """Delete the ``.NAME.*.part`` files of downloads killed before they could
+    clean up (older than ``STALE_PART_S``); returns the paths removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in Path(directory).glob(".*.part"):
+        try:
+            if now - path.stat().st_mtime > STALE_PART_S:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # gone already, or not ours to delete
+            pass
+    return removed
+
+
 def _fetch_files(name, files, bases, dest_dir, progress):
+    remove_stale_parts(dest_dir)
     for filename, sha in files.items():
         dest = dest_dir / filename
         if dest.is_file() and sha256_of(dest) == sha:

@@ -96,6 +96,8 @@ def read_idx(path) -> np.ndarray:
     dimensions, payload size or gzip stream is wrong.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not an IDX file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:

@@ -3,7 +3,7 @@
 Same methods and results as ``numpy_ops.NumpyOps`` (the specification). What
 is different, and why it is faster:
 
-* **GEMMs stay on BLAS** (DESIGN.md decision 8): no numba GEMM was measured
+* **GEMMs stay on BLAS**: no numba GEMM was measured
   faster than OpenBLAS here. ``weight_grad`` calls BLAS ``?gemm`` with
   ``beta = 1``, so ``dW += xᵀ·dz`` accumulates straight into the gradient
   buffer with no ``(I, O)`` temporary. Row-major trick: a C-ordered ``(I, O)``
