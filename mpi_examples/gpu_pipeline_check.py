@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mpi4py import MPI  # noqa: E402
 
-from mpnn.parallel import pipeline  # noqa: E402
+from mpnn.parallel import staging  # noqa: E402
 from mpnn.train import build_parser, setup, train  # noqa: E402
 
 BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch-size", "100",
@@ -42,12 +42,12 @@ def main():
     rank, size = world.Get_rank(), world.Get_size()
     ref, ref_hist = run(BASE + ["--backend", "numpy"], None)  # every rank, serially
     grids = [["--pp", str(size)]] + ([["--dp", "2", "--pp", "2"]] if size == 4 else [])
-    cuda_aware = pipeline._mpi_cuda_aware()
+    cuda_aware = staging.mpi_cuda_aware()
     failures = 0
     for grid in grids:
         for schedule in ("naive", "gpipe", "1f1b"):
             for staged in (True, False):
-                pipeline._mpi_cuda_aware = (lambda: False) if staged else (lambda: cuda_aware)
+                staging.mpi_cuda_aware = (lambda: False) if staged else (lambda: cuda_aware)
                 argv = BASE + ["--backend", "cupy", "--micro-batches", "4",
                                "--schedule", schedule] + grid
                 state, hist = run(argv, world)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..model import Context
 from ..trace import NULL_TRACER
+from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 
 class GradientSync:
@@ -30,6 +31,7 @@ class GradientSync:
         self.comm = comm if comm is not None and comm.Get_size() > 1 else None
         self.grad = grad
         self.ops = ops
+        self._host = None  # host copy of a device buffer MPI cannot read
 
     def allreduce(self):
         """grad ← Σ_replicas grad, in place (blocking)."""
@@ -41,12 +43,13 @@ class GradientSync:
             self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
             return
         self.ops.synchronize()  # device buffers must be complete before MPI reads them
-        if _mpi_cuda_aware():
+        if not needs_host_staging(self.grad):
             self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
-        else:  # through a host copy
-            host = self.grad.get()
-            self.comm.Allreduce(MPI.IN_PLACE, host, op=MPI.SUM)
-            self.grad.set(host)
+            return
+        if self._host is None:  # through a host copy, allocated once
+            self._host = np.empty(self.grad.shape, dtype=self.grad.dtype)
+        self.comm.Allreduce(MPI.IN_PLACE, copy_to_host(self.grad, self._host), op=MPI.SUM)
+        copy_from_host(self._host, self.grad)
 
     # The overlapped, bucketed variant hooks into backward through these two:
     def on_layer_done(self, layer):
@@ -95,7 +98,7 @@ class BucketedGradientSync:
         self._device = False
         if self.comm is not None:
             self._device = not isinstance(grad, np.ndarray)
-            if self._device and not _mpi_cuda_aware():
+            if needs_host_staging(grad):
                 self._host = np.empty(grad.shape, dtype=grad.dtype)
 
     # ------------------------------------------------------------- interface
@@ -119,9 +122,8 @@ class BucketedGradientSync:
             if self._requests[k] is None:
                 self._start(k)
         MPI.Request.Waitall(self._requests)
-        if self._host is not None:
-            for b in self.buckets:
-                self.grad[b.start:b.stop].set(self._host[b.start:b.stop])
+        if self._host is not None:  # the buckets tile the buffer: one copy back
+            copy_from_host(self._host, self.grad)
         self._requests = [None] * len(self.buckets)
 
     def allreduce(self):
@@ -137,8 +139,7 @@ class BucketedGradientSync:
         if self._device:
             self.ops.synchronize()  # the bucket's gradient kernels must have finished
         if self._host is not None:
-            buf = self._host[b.start:b.stop]
-            self.grad[b.start:b.stop].get(out=buf)
+            buf = copy_to_host(self.grad[b.start:b.stop], self._host[b.start:b.stop])
         else:
             buf = self.grad[b.start:b.stop]
         self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
@@ -184,17 +185,6 @@ def make_buckets(layout, itemsize, bucket_mb):
     if layers:
         buckets.append(Bucket(start, stop, layers))
     return buckets
-
-
-def _mpi_cuda_aware():
-    """Whether this MPI library takes device pointers (False when it cannot say)."""
-    from mpi4py import MPI
-
-    query = getattr(MPI, "Query_cuda_support", None)
-    try:
-        return bool(query()) if query is not None else False
-    except Exception:
-        return False
 
 
 class DataParallelEngine:

@@ -45,11 +45,12 @@ from ..data.batching import batch_bounds, share_bounds
 from ..model import Context
 from ..params import Layout
 from ..trace import NULL_TRACER
-from .data_parallel import GradientSync, _mpi_cuda_aware
+from .data_parallel import GradientSync
 from .grid import GridError, grid_shape
 from .partition import PartitionError, check_stages, parse_partition
 from .schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
                         make_schedule, simulate)
+from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 # Message tags: micro-batch k of a training step sends activations with tag 2k and
 # gradients with 2k+1; evaluation and the state gather use the two tags above them
@@ -156,12 +157,12 @@ class PipelineEngine:
         # per micro-batch receive buffers (rows grow on demand): inputs and dL/d(outputs)
         self._act_in = [xp.empty((0, I), dt) for _ in range(self.m)]  # (B, I)
         self._grad_in = [xp.empty((0, O), dt) for _ in range(self.m)]  # (B, O)
-        if host_staging is None:
-            host_staging = not isinstance(model.flat.grad, np.ndarray) and not _mpi_cuda_aware()
-        self.host_staging = bool(host_staging)
-        if self.host_staging:  # where the messages land before their copy to the device
-            self._act_in_host = [np.empty((0, I), dt) for _ in range(self.m)]
-            self._grad_in_host = [np.empty((0, O), dt) for _ in range(self.m)]
+        self._inbox = {"act": self._act_in, "grad": self._grad_in}
+        self.host_staging = bool(needs_host_staging(model.flat.grad) if host_staging is None
+                                 else host_staging)
+        # staging: where the messages land before their copy to the device
+        self._inbox_host = {"act": [np.empty((0, I), dt) for _ in range(self.m)],
+                            "grad": [np.empty((0, O), dt) for _ in range(self.m)]}
         self._free = []  # recycled _MicroBatch objects
         self._live = {}  # micro-batch -> _MicroBatch between its Forward and Backward
         self._grad_out = {}  # micro-batch -> _MicroBatch whose dL/dh_in awaits SendGrad
@@ -210,15 +211,15 @@ class PipelineEngine:
         (the host buffer when staging; ``_recv_act``/``_recv_grad`` copy it over)."""
         for a in self.actions:
             if isinstance(a, RecvAct):
-                kind, pool, peer, tag = "act", self._act_in, self.stage - 1, 2 * a.mb
+                kind, peer, tag = "act", self.stage - 1, 2 * a.mb
             elif isinstance(a, RecvGrad):
-                kind, pool, peer, tag = "grad", self._grad_in, self.stage + 1, 2 * a.mb + 1
+                kind, peer, tag = "grad", self.stage + 1, 2 * a.mb + 1
             else:
                 continue
-            buf = self._buffer(pool, a.mb, self._rows(a.mb))
+            rows = self._rows(a.mb)
+            buf = self._buffer(self._inbox[kind], a.mb, rows)
             if self.host_staging:
-                buf = self._buffer(self._act_in_host if kind == "act" else self._grad_in_host,
-                                   a.mb, self._rows(a.mb), np)
+                buf = self._buffer(self._inbox_host[kind], a.mb, rows, np)
             self._recv[kind, a.mb] = self.comm.Irecv(buf, source=peer, tag=tag)
 
     def _isend(self, mb, kind, rows, dest, tag):
@@ -226,19 +227,17 @@ class PipelineEngine:
         ``mb.requests`` (and the staged host copy stays in ``mb.host``)."""
         self.ops.synchronize()  # the kernels writing rows must have finished
         if self.host_staging:
-            host = mb.host.get(kind)
-            if host is None or host.shape[0] < rows.shape[0] or host.shape[1] != rows.shape[1]:
+            host = mb.host.get(kind)  # (B', F): each kind has one width F
+            if host is None or host.shape[0] < rows.shape[0]:
                 host = mb.host[kind] = np.empty(rows.shape, self.model.dtype)
-            rows = _copy_to_host(rows, host[:rows.shape[0]])
+            rows = copy_to_host(rows, host[:rows.shape[0]])
         mb.requests.append(self.comm.Isend(rows, dest=dest, tag=tag))
 
     def _landed(self, kind, k):
         """After micro-batch k's receive completed: staged data onto the device."""
         if self.host_staging:
             rows = self._rows(k)
-            dev, host = ((self._act_in, self._act_in_host) if kind == "act"
-                         else (self._grad_in, self._grad_in_host))
-            _copy_from_host(host[k][:rows], dev[k][:rows])
+            copy_from_host(self._inbox_host[kind][k][:rows], self._inbox[kind][k][:rows])
 
     def _wait(self, requests, timed=True):
         """Wait for requests; the time counts as this stage's idle time."""
@@ -342,7 +341,7 @@ class PipelineEngine:
                     self.comm.Recv(h, source=self.stage - 1, tag=EVAL_TAG)
                 else:
                     self.comm.Recv(inhost[:hi - lo], source=self.stage - 1, tag=EVAL_TAG)
-                    _copy_from_host(inhost[:hi - lo], h)
+                    copy_from_host(inhost[:hi - lo], h)
             slot = slots[j % 2]
             self._wait(slot.requests, timed=False)
             slot.requests.clear()
@@ -413,23 +412,3 @@ class PipelineEngine:
 def _rounded(a):
     return [round(float(v), 6) for v in a]
 
-
-def _copy_to_host(src, out):
-    """Device (or host) rows src into the host buffer out; returns out."""
-    if src.size == 0:  # an empty micro-batch of a small last batch
-        return out
-    if isinstance(src, np.ndarray):
-        np.copyto(out, src)
-    else:
-        src.get(out=out)
-    return out
-
-
-def _copy_from_host(src, out):
-    """Host rows src into the device (or host) buffer out."""
-    if src.size == 0:
-        return
-    if isinstance(out, np.ndarray):
-        np.copyto(out, src)
-    else:
-        out.set(src)
