@@ -38,9 +38,9 @@ every rank (as the data files are).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .files import atomic_write
 from .params import Layout
 
 FORMAT, VERSION = "mpnn-checkpoint", 1
@@ -173,61 +174,6 @@ def list_checkpoints(directory):
 def latest_checkpoint(directory):
     found = list_checkpoints(directory)
     return found[-1] if found else None
-
-
-def check_output_file(option, path):
-    """Before any work: ``path`` can be written as a file (by ``atomic_write``).
-
-    Refuses a directory (or a path ending in a separator), a missing parent
-    directory, and one where a real test write fails (``os.access`` says yes
-    to root, and to filesystems such as /proc). Raises ValueError."""
-    if str(path).endswith(os.sep) or os.path.isdir(path):
-        raise ValueError(f"{option} {path}: is a directory; give a file name in it")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{option} {path}: directory {folder} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"{option} {path}: directory {folder} is not writable "
-                         f"({e.strerror or e})") from None
-
-
-def atomic_write(path, write):
-    """Call ``write(fileobj)`` on a temporary file next to ``path``; flush, fsync,
-    rename over ``path``, fsync the directory. Nothing is left behind on failure."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # mode as umask allows
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with _ignore_missing():
-            os.remove(tmp)
-        raise
-    try:
-        dfd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not every platform opens directories
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-class _ignore_missing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is not None and issubclass(kind, FileNotFoundError)
 
 
 def write_checkpoint(path, params, optim, meta):
@@ -400,7 +346,7 @@ class Checkpointer:
         self.last_saved = path
         if self.keep:
             for old in list_checkpoints(self.directory)[:-self.keep]:
-                with _ignore_missing():
+                with contextlib.suppress(FileNotFoundError):
                     os.remove(old)
         return path
 
@@ -496,76 +442,3 @@ def load_resume(args, model):
                                   f"{arr.shape}, expected ({full.numel},)")
     model.load_state_dict(ckpt.params, source=f"checkpoint {path}")
     return Resume(ckpt, warnings)
-
-
-# ------------------------------------------------------------------ guards
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN or infinity in the training loss or a gradient."""
-
-
-def _non_finite(model, tensors):
-    """Names of ``tensors`` (named views) holding NaN/inf, last layer first."""
-    xp = model.ops.xp
-    bad = [name for name, t in tensors.items() if not bool(xp.isfinite(t).all())]
-    return sorted(bad, key=lambda n: (-int(n.split(".")[1]), n))
-
-
-def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None,
-                 activations=None):
-    """Raise NonFiniteError when this rank's loss, gradient or parameters are not finite.
-
-    Called after each optimizer step and before any checkpoint, so a bad state is
-    never written. The fast path is one sum over the flat parameter buffer (a NaN
-    or inf gradient always reaches the parameters through the update); only when
-    it is not finite are the layers inspected: gradients first (the optimizer
-    leaves them in place), naming the last layer in layer order first, since
-    backward reaches it first; else the update itself overflowed. A non-finite
-    loss is traced to the first layer whose output (``activations``: layer ->
-    (B, O) array of the step's forward, when the engine keeps them) is not finite.
-    """
-    xp = model.ops.xp
-    loss_ok = math.isfinite(loss_sum)
-    with np.errstate(over="ignore", invalid="ignore"):  # inf - inf in the sum is the signal
-        total = float(xp.sum(model.flat.data))
-    if loss_ok and math.isfinite(total):
-        return
-    where = f"at step {step} (epoch {epoch}, batch {batch}) on rank {rank}"
-    keep = (f"the last good checkpoint {last_checkpoint} was not overwritten"
-            if last_checkpoint else "no checkpoint was written")
-    hint = "lower --lr, or check the data for NaN/inf"
-    if not loss_ok:
-        first = next((i for i in sorted(activations or {})
-                      if not bool(xp.isfinite(activations[i]).all())), None)
-        origin = (f"it first appears in the output of layer {first} (layers.{first}.weight/bias)"
-                  if first is not None else "the forward pass overflowed or the data holds NaN/inf")
-        raise NonFiniteError(f"training loss is {loss_sum} {where}, from finite parameters: "
-                             f"{origin}; {keep}; {hint}")
-    bad = _non_finite(model, model.flat.grads)
-    if bad:
-        also = f" (also {', '.join(bad[1:])})" if len(bad) > 1 else ""
-        raise NonFiniteError(f"non-finite gradient {where}: first in {bad[0]}{also}, the layer "
-                             f"backward reaches first; {keep}; {hint}")
-    bad = _non_finite(model, model.flat.params)
-    if bad:
-        raise NonFiniteError(f"non-finite parameters after the optimizer step {where}: "
-                             f"{', '.join(bad)} (the update overflowed {model.dtype}); {keep}; "
-                             f"{hint}")
-    # the sum overflowed with finite entries: nothing is wrong
-
-
-def keep_metrics(path, epochs):
-    """Truncate a --metrics file to its records of epochs 1..``epochs`` (a resumed
-    run rewrites the later ones); 0 empties it."""
-    kept = []
-    if epochs > 0 and os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    if json.loads(line).get("epoch", 0) <= epochs:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except ValueError:
-                    continue
-    with open(path, "w") as f:
-        f.writelines(kept)

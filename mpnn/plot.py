@@ -57,7 +57,7 @@ def plot_metrics(records, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     epochs = [r["epoch"] for r in records]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))

@@ -111,7 +111,7 @@ class Tracer:
         every = comm.gather(mine, root=0) if comm is not None and comm.Get_size() > 1 else [mine]
         if rank != 0:
             return
-        from .checkpoint import atomic_write
+        from .files import atomic_write
 
         doc = chrome_trace(every)
         atomic_write(path, lambda f: f.write(json.dumps(doc).encode()))

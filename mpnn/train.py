@@ -23,15 +23,14 @@ import math
 import os
 import sys
 import time
-import zlib
 
 import numpy as np
 
-from .checkpoint import (Checkpointer, add_checkpoint_options, atomic_write,
-                         check_checkpoint_options, check_finite, check_output_file, keep_metrics,
-                         load_resume)
+from .checkpoint import Checkpointer, add_checkpoint_options, check_checkpoint_options, load_resume
 from .data import DATASETS, load_dataset
 from .data.batching import batch_bounds, epoch_permutation, share_bounds
+from .files import atomic_write, check_output_file, keep_metrics
+from .guards import check_finite, check_replicas_agree
 from .kernels import BACKENDS, get_ops
 from .model import HIDDEN_ACTIVATIONS, MLP
 from .optim import OPTIMIZERS, make_optimizer
@@ -251,40 +250,6 @@ def _sum_over(comm, values):
     out = np.empty_like(buf)
     comm.Allreduce(buf, out, op=MPI.SUM)
     return out
-
-
-def check_replicas_agree(comm, flat, when=None):
-    """Every replica must hold the same parameters, at the start (``when``
-    None) and at the periodic checks (``when`` says which). Names world ranks."""
-    if comm is None or comm.Get_size() == 1:
-        return
-    from mpi4py import MPI
-
-    data = flat.data.get() if hasattr(flat.data, "get") else flat.data  # host copy of a device buffer
-    mine = np.array([zlib.crc32(np.ascontiguousarray(data).tobytes()), MPI.COMM_WORLD.Get_rank()],
-                    dtype=np.int64)
-    every = np.empty((comm.Get_size(), 2), dtype=np.int64)
-    comm.Allgather(mine, every)
-    groups = {}
-    for h, r in every.tolist():
-        groups.setdefault(h, []).append(r)
-    if len(groups) == 1:
-        return
-    if when is None:
-        bad = [r for h, r in every.tolist() if h != every[0, 0]]
-        raise RuntimeError(f"data-parallel replicas start from different weights "
-                           f"(ranks {bad} differ from rank {every[0, 1]}): the seed or --init differs")
-    sizes = sorted(len(g) for g in groups.values())
-    if sizes[-1] > sizes[-2]:  # a strict majority agrees: the others diverged
-        majority = max(groups.values(), key=len)
-        bad = sorted(r for g in groups.values() if g is not majority for r in g)
-        who = f"ranks {bad} diverged from the other replicas (ranks {majority})"
-    else:
-        who = "replicas disagree with no majority: " + "; ".join(
-            f"ranks {g} hold crc32 {h & 0xFFFFFFFF:08x}" for h, g in groups.items())
-    raise RuntimeError(f"data-parallel replicas hold different parameters {when}: {who}; each "
-                       f"replica applied a different update (nondeterministic kernel, memory "
-                       f"error or a bug)")
 
 
 def lr_at(args, base_lr, step, total_steps):

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from mpnn import checkpoint as ck
-from mpnn.checkpoint import CheckpointError, NonFiniteError
+from mpnn import files, guards
+from mpnn.checkpoint import CheckpointError
+from mpnn.guards import NonFiniteError
 from mpnn.model import MLP
 from mpnn.train import load_weights, main
 
@@ -257,7 +259,7 @@ def model_with_grads():
 
 
 def test_finite_state_passes():
-    ck.check_finite(model_with_grads(), 1.5, 3, 1, 3)
+    guards.check_finite(model_with_grads(), 1.5, 3, 1, 3)
 
 
 def test_nan_gradient_names_step_and_layer():
@@ -265,7 +267,7 @@ def test_nan_gradient_names_step_and_layer():
     m.flat.grads["layers.1.weight"][0, 0] = np.nan
     m.flat.data[...] += m.flat.grad  # the update carries it into the parameters
     with pytest.raises(NonFiniteError) as e:
-        ck.check_finite(m, 1.5, 42, 3, 7, rank=2, last_checkpoint="ck/ckpt-000000040.npz")
+        guards.check_finite(m, 1.5, 42, 3, 7, rank=2, last_checkpoint="ck/ckpt-000000040.npz")
     msg = str(e.value)
     assert "non-finite gradient at step 42 (epoch 3, batch 7) on rank 2: first in layers.1.weight" in msg
     assert "the last good checkpoint ck/ckpt-000000040.npz was not overwritten" in msg
@@ -277,21 +279,21 @@ def test_inf_gradient_in_two_layers_names_the_one_backward_reaches_first():
     m.flat.grads["layers.2.weight"][1, 1] = -np.inf
     m.flat.data[...] += m.flat.grad
     with pytest.raises(NonFiniteError, match=r"first in layers.2.weight \(also layers.0.bias\)"):
-        ck.check_finite(m, 0.0, 1, 1, 1)
+        guards.check_finite(m, 0.0, 1, 1, 1)
 
 
 def test_nan_loss_names_the_first_layer_with_non_finite_output():
     m = model_with_grads()
     outputs = {0: np.ones((2, 3)), 1: np.array([[np.inf, 0, 0], [0, 0, 0]]), 2: np.full((2, 2), np.nan)}
     with pytest.raises(NonFiniteError, match="training loss is nan at step 5 .* output of layer 1"):
-        ck.check_finite(m, float("nan"), 5, 1, 5, activations=outputs)
+        guards.check_finite(m, float("nan"), 5, 1, 5, activations=outputs)
 
 
 def test_overflowed_update_is_named():
     m = model_with_grads()
     m.flat.params["layers.0.weight"][0, 0] = np.inf
     with pytest.raises(NonFiniteError, match="non-finite parameters after the optimizer step .*layers.0.weight"):
-        ck.check_finite(m, 1.0, 9, 1, 9)
+        guards.check_finite(m, 1.0, 9, 1, 9)
 
 
 def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
@@ -312,7 +314,7 @@ def test_diverging_run_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 def test_keep_metrics_truncates_to_past_epochs(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
-    ck.keep_metrics(str(p), 2)
+    files.keep_metrics(str(p), 2)
     assert [json.loads(x)["epoch"] for x in p.read_text().splitlines()] == [1, 2]
-    ck.keep_metrics(str(p), 0)
+    files.keep_metrics(str(p), 0)
     assert p.read_text() == ""

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mpnn import checkpoint as ck
-from mpnn.train import build_parser, check_replicas_agree, load_weights, setup, train
+from mpnn.guards import check_replicas_agree
+from mpnn.train import build_parser, load_weights, setup, train
 
 # digits: 1437 rows, batch 100: 15 steps per epoch, the last batch 37 rows
 BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch-size", "100",

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..files import fsync_dir
 from .idx import DataError
 
 __all__ = ["MIRRORS", "FILES", "mirrors_for", "download_file", "fetch", "remove_stale_parts"]
@@ -141,7 +142,7 @@ def download_file(url, dest, sha256, progress=True, timeout=_TIMEOUT_S) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 
@@ -153,20 +154,6 @@ def _describe(e):
     if isinstance(e, http.client.IncompleteRead):
         return f"connection closed after {len(e.partial)} bytes ({e.expected} more expected)"
     return f"{type(e).__name__}: {e}"
-
-
-def _fsync_dir(directory):
-    """Make the rename durable (best effort: not every platform can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fetch(name, dest_dir, mirrors=None, progress=True, files=None) -> Path:
