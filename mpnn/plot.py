@@ -37,15 +37,17 @@ def read_metrics(path):
     return records
 
 
-def image_format(path):
+def image_format(path, option=None):
     """The image format matplotlib will write for ``path`` (its extension; png
-    without one). Raises ValueError, naming the formats, when it has none such."""
+    without one). Raises ValueError, naming ``option`` and the formats, when it
+    has none such."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     fmt = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else "png"
     known = FigureCanvasBase.get_supported_filetypes()
     if fmt not in known:
-        raise ValueError(f"{path}: matplotlib cannot write .{fmt} images; use one of "
+        where = f"{option} {path}" if option else path
+        raise ValueError(f"{where}: matplotlib cannot write .{fmt} images; use one of "
                          f"{', '.join('.' + k for k in sorted(known))}")
     return fmt
 

@@ -88,7 +88,7 @@ def main(argv=None):
 
         try:
             check_output_file("--plot", args.plot)
-            image_format(args.plot)
+            image_format(args.plot, "--plot")
         except ValueError as e:
             print(f"mpnn.schedule: error: {e}", file=sys.stderr)
             return 2

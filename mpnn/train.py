@@ -165,10 +165,7 @@ def validate(args, world_size):
             try:
                 check_output_file(option, path)
                 if option == "--plot":
-                    try:
-                        image_format(path)
-                    except ValueError as e:
-                        raise ValueError(f"--plot {e}") from None
+                    image_format(path, option)
                 if option == "--metrics" and os.path.exists(path) and not os.access(path, os.W_OK):
                     raise ValueError(f"--metrics {path}: the file is not writable")  # appended to
             except ValueError as e:

@@ -185,19 +185,16 @@ def fetch(name, dest_dir, mirrors=None, progress=True, files=None) -> Path:
 STALE_PART_S = 3600  # a .part file untouched this long belongs to a killed download
 
 
-def remove_stale_parts(directory, now=None):
+def remove_stale_parts(directory):
     """Delete the ``.NAME.*.part`` files of downloads killed before they could
-    clean up (older than ``STALE_PART_S``); returns the paths removed."""
-    now = time.time() if now is None else now
-    removed = []
+    clean up (untouched for ``STALE_PART_S``)."""
+    now = time.time()
     for path in Path(directory).glob(".*.part"):
         try:
             if now - path.stat().st_mtime > STALE_PART_S:
                 path.unlink()
-                removed.append(path)
         except OSError:  # gone already, or not ours to delete
             pass
-    return removed
 
 
 def _fetch_files(name, files, bases, dest_dir, progress):
