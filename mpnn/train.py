@@ -275,11 +275,31 @@ def load_data(args, comm, dtype):
             data = load(True)
         except Exception as e:  # noqa: BLE001 - re-raised below after telling the others
             error = e
-    if comm.bcast(error is not None, root=0):
+        failed = comm.bcast(error is not None, root=0)
+    else:  # Ctrl-C reaches every rank: let rank 0 remove its partial download, then abort
+        with _sigint_ignored():
+            failed = comm.bcast(None, root=0)
+    if failed:
         if rank == 0:
             raise error
         raise SystemExit(2)  # rank 0 reports the problem for everyone
     return data if rank == 0 else load(True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside the block (main thread only; elsewhere unchanged)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def setup(args, comm, validated=False):

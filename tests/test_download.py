@@ -3,7 +3,6 @@
 import hashlib
 import http.server
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -230,8 +229,7 @@ def test_ctrl_c_during_a_download_under_mpirun_ends_the_job(server, tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
             job.wait()
     assert job.returncode != 0, out
-    # mpirun passes SIGINT to every rank: whichever reaches Python first (rank 0
-    # in its download, or rank 1 back from its wait) reports it and aborts the job
-    assert re.search(r"mpnn\.train: interrupted on rank [01]; ending the job", out), out
-    assert "Abort(130)" in out, out
+    # mpirun passes SIGINT to every rank; the waiting rank leaves it to rank 0,
+    # which removes its partial file, reports and aborts the job
+    assert "mpnn.train: interrupted on rank 0; ending the job" in out, out
     assert not list(cache.glob("*")) if cache.exists() else True
