@@ -30,8 +30,8 @@ from mpnn import bench  # noqa: E402
 from mpnn.kernels import get_ops  # noqa: E402
 from mpnn.kernels.cupy_ops import gpu_available  # noqa: E402
 from mpnn.kernels.numpy_ops import NumpyOps  # noqa: E402
-from mpnn.model import MLP, Context  # noqa: E402
-from mpnn.optim import make_optimizer  # noqa: E402
+from mpnn.nn.model import MLP, Context  # noqa: E402
+from mpnn.nn.optim import make_optimizer  # noqa: E402
 
 TOL = {np.float32: (3e-5, 3e-6), np.float64: (1e-11, 1e-12)}
 failures = []

@@ -133,8 +133,8 @@ class MpnnRunner:
 
     def __init__(self, backend, batch, x, labels):
         from .kernels import get_ops
-        from .model import MLP
-        from .optim import make_optimizer
+        from .nn.model import MLP
+        from .nn.optim import make_optimizer
         from .parallel.data_parallel import DataParallelEngine
 
         self.name, self.batch = backend, batch
@@ -362,7 +362,7 @@ def dp_worker(args):
 
 def dp_threads(args):
     """Threads per DP rank: --threads, but never more than this rank's share of the cores."""
-    from .threads import available_cores, threads_per_rank
+    from .runtime.threads import available_cores, threads_per_rank
 
     return min(args.threads, threads_per_rank(available_cores(), args.dp_ranks))
 

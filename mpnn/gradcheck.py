@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import functional as F
+from .nn import functional as F
 from .kernels import BACKENDS, get_ops
-from .model import HIDDEN_ACTIVATIONS, MLP, Context
+from .nn.model import HIDDEN_ACTIVATIONS, MLP, Context
 
 DTYPE = np.float64
 EPS = 1e-6

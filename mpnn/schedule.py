@@ -83,7 +83,7 @@ def main(argv=None):
     args = parse_args(argv)
     p, m = args.pp, args.micro_batches
     if args.plot:  # a bad image path is refused before any output
-        from .files import check_output_file
+        from .runtime.files import check_output_file
         from .plot import image_format
 
         try:

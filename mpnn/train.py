@@ -26,22 +26,22 @@ import time
 
 import numpy as np
 
-from .checkpoint import Checkpointer, add_checkpoint_options, check_checkpoint_options, load_resume
+from .runtime.checkpoint import Checkpointer, add_checkpoint_options, check_checkpoint_options, load_resume
 from .data import DATASETS, load_dataset
 from .data.batching import batch_bounds, epoch_permutation, share_bounds
-from .files import atomic_write, check_output_file, keep_metrics
-from .guards import check_finite, check_replicas_agree
+from .runtime.files import atomic_write, check_output_file, keep_metrics
+from .runtime.guards import check_finite, check_replicas_agree
 from .kernels import BACKENDS, get_ops
-from .model import HIDDEN_ACTIVATIONS, MLP
-from .optim import OPTIMIZERS, make_optimizer
+from .nn.model import HIDDEN_ACTIVATIONS, MLP
+from .nn.optim import OPTIMIZERS, make_optimizer
 from .parallel.data_parallel import DataParallelEngine
 from .parallel.grid import GridError, make_grid
 from .parallel.partition import format_partition, partition_layers
 from .parallel.pipeline import (PipelineConfigError, PipelineEngine, add_pipeline_options,
                                 check_pipeline_config)
 from .plot import image_format
-from .threads import configure_threads
-from .trace import NULL_TRACER, make_tracer
+from .runtime.threads import configure_threads
+from .runtime.trace import NULL_TRACER, make_tracer
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -334,7 +334,7 @@ def warm_up(model, args, data):
     One step of a throwaway 3-layer model with the run's ops, dtype,
     activation, loss and optimizer: the same kernels on arrays of the same
     types. Rank-local, and the run's own model and data are not touched."""
-    from .model import Context
+    from .nn.model import Context
 
     ops = model.ops
     tiny = MLP([data.n_features, 2, 2, data.num_classes], args.activation, model.dtype, 0, ops=ops)

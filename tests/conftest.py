@@ -10,7 +10,7 @@ import pytest
 
 
 def pytest_configure(config):
-    from mpnn.threads import configure_threads
+    from mpnn.runtime.threads import configure_threads
 
     comm = None
     if os.environ.get("PMI_RANK") is not None or os.environ.get("OMPI_COMM_WORLD_RANK") is not None:

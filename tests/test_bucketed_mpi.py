@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mpnn.kernels import get_ops
-from mpnn.model import MLP, Context
-from mpnn.params import Layout
+from mpnn.nn.model import MLP, Context
+from mpnn.nn.params import Layout
 from mpnn.parallel.data_parallel import BucketedGradientSync, GradientSync, make_buckets
 
 SIZES = [784, 256, 128, 64, 10]

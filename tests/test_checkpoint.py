@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from mpnn import checkpoint as ck
-from mpnn import files, guards
-from mpnn.checkpoint import CheckpointError
-from mpnn.guards import NonFiniteError
-from mpnn.model import MLP
+from mpnn.runtime import checkpoint as ck
+from mpnn.runtime import files, guards
+from mpnn.runtime.checkpoint import CheckpointError
+from mpnn.runtime.guards import NonFiniteError
+from mpnn.nn.model import MLP
 from mpnn.train import load_weights, main
 
 BASE = ["--dataset", "digits", "--hidden", "24,16", "--epochs", "2", "--batch-size", "100",

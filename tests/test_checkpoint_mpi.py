@@ -13,8 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from mpnn import checkpoint as ck
-from mpnn.guards import check_replicas_agree
+from mpnn.runtime import checkpoint as ck
+from mpnn.runtime.guards import check_replicas_agree
 from mpnn.train import build_parser, load_weights, setup, train
 
 # digits: 1437 rows, batch 100: 15 steps per epoch, the last batch 37 rows
@@ -111,7 +111,7 @@ def test_pipeline_checkpoint_gathers_the_serial_state():
 def test_diverged_replica_is_named():
     from mpi4py import MPI
 
-    from mpnn.model import MLP
+    from mpnn.nn.model import MLP
 
     world = MPI.COMM_WORLD
     size = world.Get_size()

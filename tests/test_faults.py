@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from mpnn import checkpoint as ck
+from mpnn.runtime import checkpoint as ck
 from mpnn.data import write_idx
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")

@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from mpnn import functional as F
+from mpnn.nn import functional as F
 
 B, I, O, C = 4, 5, 3, 6
 

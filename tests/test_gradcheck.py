@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpnn import functional as F
+from mpnn.nn import functional as F
 from mpnn import gradcheck
 from mpnn.kernels.numpy_ops import NumpyOps
 

@@ -16,8 +16,8 @@ import pytest
 from mpnn.kernels import get_ops
 from mpnn.kernels.cupy_ops import gpu_available
 from mpnn.kernels.numpy_ops import NumpyOps
-from mpnn.model import MLP, Context
-from mpnn.optim import make_optimizer
+from mpnn.nn.model import MLP, Context
+from mpnn.nn.optim import make_optimizer
 
 REF = NumpyOps()
 DTYPES = (np.float32, np.float64)

@@ -4,9 +4,9 @@ scale, weights I/O, initialisation, and the numpy op set against functional.py."
 import numpy as np
 import pytest
 
-from mpnn import functional as F
+from mpnn.nn import functional as F
 from mpnn.kernels import get_ops
-from mpnn.model import MLP, Context
+from mpnn.nn.model import MLP, Context
 
 SIZES = [6, 7, 5, 4]  # three linear layers
 OPS = get_ops("numpy")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from mpnn.kernels import get_ops
-from mpnn.optim import SGD, Adam, make_optimizer
-from mpnn.params import FlatParams, Layout
+from mpnn.nn.optim import SGD, Adam, make_optimizer
+from mpnn.nn.params import FlatParams, Layout
 
 OPS = get_ops("numpy")
 P0 = [1.0, -2.0, 0.5]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mpnn.threads import available_cores, configure_threads, oversubscription_warning, threads_per_rank
+from mpnn.runtime.threads import available_cores, configure_threads, oversubscription_warning, threads_per_rank
 
 
 @pytest.mark.parametrize("cores,ranks,expected", [

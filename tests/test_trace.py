@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from mpnn.trace import NULL_TRACER, Tracer, chrome_trace, make_tracer
+from mpnn.runtime.trace import NULL_TRACER, Tracer, chrome_trace, make_tracer
 from mpnn.train import build_parser, main, setup, train
 
 

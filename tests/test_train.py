@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpnn.model import MLP, Context
+from mpnn.nn.model import MLP, Context
 from mpnn.train import build_parser, load_weights, main, setup, train
 
 FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..files import fsync_dir
+from ..runtime.files import fsync_dir
 from .idx import DataError
 
 __all__ = ["MIRRORS", "FILES", "mirrors_for", "download_file", "fetch", "remove_stale_parts"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import functional as F
+from ..nn import functional as F
 
 
 class NumpyOps:

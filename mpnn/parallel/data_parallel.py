@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model import Context
-from ..trace import NULL_TRACER
+from ..nn.model import Context
+from ..runtime.trace import NULL_TRACER
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 

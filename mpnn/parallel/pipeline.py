@@ -42,9 +42,9 @@ import time
 import numpy as np
 
 from ..data.batching import batch_bounds, share_bounds
-from ..model import Context
-from ..params import Layout
-from ..trace import NULL_TRACER
+from ..nn.model import Context
+from ..nn.params import Layout
+from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .grid import GridError, grid_shape
 from .partition import PartitionError, check_stages, parse_partition

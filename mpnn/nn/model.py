@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import get_ops
+from ..kernels import get_ops
 from .params import FlatParams, Layout
 
 HIDDEN_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .files import atomic_write
-from .params import Layout
+from ..nn.params import Layout
 
 FORMAT, VERSION = "mpnn-checkpoint", 1
 NAME = re.compile(r"^ckpt-(\d{9})\.npz$")

@@ -1,0 +1,1 @@
+"""The math, no MPI: forward/backward pairs, flat buffers, the MLP, optimizers."""
