@@ -37,8 +37,8 @@ from .nn.optim import OPTIMIZERS, make_optimizer
 from .parallel.data_parallel import DataParallelEngine
 from .parallel.grid import GridError, make_grid
 from .parallel.partition import format_partition, partition_layers
-from .parallel.pipeline import (PipelineConfigError, PipelineEngine, add_pipeline_options,
-                                check_pipeline_config)
+from .parallel.pipeline import PipelineConfigError, PipelineEngine, check_pipeline_config
+from .parallel.schedules import SCHEDULES
 from .plot import image_format
 from .runtime.threads import configure_threads
 from .runtime.trace import NULL_TRACER, make_tracer
@@ -136,7 +136,14 @@ def build_parser():
       help="write a Chrome/Perfetto timeline of every rank's forward, backward, step and messages")
     a("--plot", default=None, metavar="FILE.png", help="draw the loss and accuracy curves")
     a("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    add_pipeline_options(p)  # --pp --dp --micro-batches --schedule --partition
+    a("--pp", type=int, default=1, help="pipeline stages per replica (default 1)")
+    a("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / --pp)")
+    a("--micro-batches", type=int, default=1,
+      help="micro-batches per global batch and replica in the pipeline (default 1)")
+    a("--schedule", default="1f1b", choices=list(SCHEDULES),
+      help="pipeline schedule (default 1f1b); see python -m mpnn.schedule")
+    a("--partition", default=None, metavar="N1,N2,...",
+      help="layers per stage, e.g. 2,1,1 (default: balance the estimated cost)")
     add_checkpoint_options(p)  # --checkpoint-dir --checkpoint-every --checkpoint-keep --resume
     return p
 

@@ -48,7 +48,7 @@ from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .grid import GridError, grid_shape
 from .partition import PartitionError, check_stages, parse_partition
-from .schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
+from .schedules import (Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
                         make_schedule, simulate)
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
@@ -62,19 +62,6 @@ STATE_TAG = EVAL_TAG + 1
 
 class PipelineConfigError(ValueError):
     """A --pp / --dp / --micro-batches / --partition combination that cannot run."""
-
-
-def add_pipeline_options(parser):
-    """The model-parallel options of ``python -m mpnn.train``."""
-    a = parser.add_argument
-    a("--pp", type=int, default=1, help="pipeline stages per replica (default 1)")
-    a("--dp", type=int, default=None, help="data-parallel replicas (default: ranks / --pp)")
-    a("--micro-batches", type=int, default=1,
-      help="micro-batches per global batch and replica in the pipeline (default 1)")
-    a("--schedule", default="1f1b", choices=list(SCHEDULES),
-      help="pipeline schedule (default 1f1b); see python -m mpnn.schedule")
-    a("--partition", default=None, metavar="N1,N2,...",
-      help="layers per stage, e.g. 2,1,1 (default: balance the estimated cost)")
 
 
 def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, partition=None):
