@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .nn import functional as F
 from .kernels import BACKENDS, get_ops
-from .nn.model import HIDDEN_ACTIVATIONS, MLP, Context
+from .nn import functional as F
+from .nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
+from .nn.model import MLP, Context
 
 DTYPE = np.float64
 EPS = 1e-6
@@ -54,7 +55,6 @@ TOLERANCES = {
 
 B, I, O, C = 4, 5, 3, 4  # small: every element is probed
 MODEL_SIZES = (5, 6, 4, 3)  # three linear layers: input, hidden, output
-LOSS_NAMES = ("cross_entropy", "mse")
 
 
 @dataclass(frozen=True)

@@ -3,26 +3,34 @@
 Each op is run on both backends from identical inputs and compared: float32
 and float64, several shapes (one row, odd sizes), every activation, both
 losses, every optimizer variant with and without weight decay; then a few
-training steps per backend must land on the same weights as NumPy.
+training steps per backend must land on the same weights as NumPy. Every
+backend implements the whole ``base.OpSet`` interface, and the glue written
+there once (loss and label checks, Adam's scalars) is tested on its own.
 
 CuPy tests skip without a GPU, saying so.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
+from mpnn.kernels import BACKENDS as BACKEND_NAMES
 from mpnn.kernels import get_ops
-from mpnn.kernels.cupy_ops import gpu_available
+from mpnn.kernels.base import AdamScalars, HostOpSet, OpSet, grad_factor
+from mpnn.kernels.cupy_ops import CupyOps, gpu_available
+from mpnn.kernels.numba_ops import NumbaOps
 from mpnn.kernels.numpy_ops import NumpyOps
+from mpnn.nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
 from mpnn.nn.model import MLP, Context
 from mpnn.nn.optim import make_optimizer
 
 REF = NumpyOps()
 DTYPES = (np.float32, np.float64)
 SHAPES = ((1, 1, 1), (1, 7, 5), (3, 5, 2), (17, 33, 10), (64, 784, 256), (129, 13, 127))
-ACTS = ("identity", "relu", "tanh", "sigmoid")
+ACTS = HIDDEN_ACTIVATIONS
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
 requires_gpu = pytest.mark.skipif(not gpu_available(), reason="no GPU / cupy not installed")
@@ -110,7 +118,7 @@ def test_weight_and_input_grad(ops, dtype, B, I, O):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,C", [(1, 1), (1, 10), (5, 3), (64, 10), (257, 17)])
-@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_loss_and_predict_stats(ops, dtype, B, C, loss):
     rng = np.random.default_rng(B * C)
     logits = rand(rng, (B, C), dtype, -8, 8)
@@ -316,3 +324,161 @@ def test_scipy_gemm_only_without_competing_blas_threads():
     with threadpool_limits(limits=2, user_api="blas"):
         if len(libs) > 1:
             assert NumbaOps()._gemm_beta1 == {}
+
+
+# ------------------------------------------------------------ the interface
+
+OPS = ("linear_act", "act_bias_backward", "weight_grad", "input_grad", "loss", "predict_stats",
+       "sgd_step", "momentum_step", "adam_step", "to_device", "to_host", "synchronize")
+
+
+@pytest.mark.parametrize("cls", [NumpyOps, NumbaOps, CupyOps])
+def test_every_backend_implements_the_whole_op_set(cls):
+    """Checked on the classes, so CupyOps is covered without a GPU."""
+    assert issubclass(cls, OpSet)
+    assert not cls.__abstractmethods__, f"{cls.__name__} lacks {sorted(cls.__abstractmethods__)}"
+    assert cls.name in BACKEND_NAMES
+    for op in OPS:
+        assert inspect.signature(getattr(cls, op)) == inspect.signature(getattr(OpSet, op)), op
+    abstract = {name for name, f in vars(OpSet).items() if getattr(f, "__isabstractmethod__", 0)}
+    assert {op for op in abstract if not op.startswith("_")} <= set(OPS)  # the list is complete
+
+
+def test_cpu_backends_are_host_op_sets():
+    for name in ("numpy", "numba"):
+        ops = get_ops(name)
+        assert isinstance(ops, HostOpSet) and ops.xp is np and ops.name == name
+        a = np.ones(3)
+        assert ops.to_device(a) is a and ops.to_host(a) is a
+        ops.synchronize()
+
+
+def test_an_incomplete_backend_cannot_be_built():
+    class OnlyForward(HostOpSet):
+        name = "partial"
+
+        def linear_act(self, x, W, b, act, out):
+            return out
+
+    with pytest.raises(TypeError, match="abstract"):
+        OnlyForward()
+
+
+# ------------------------------------------------------------ the shared glue
+
+CPU = ("numpy", "numba")
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_unknown_loss_names_the_choices(backend):
+    ops = get_ops(backend)
+    logits, labels = np.zeros((2, 3), np.float32), np.array([0, 1])
+    with pytest.raises(ValueError, match="unknown loss 'hinge'; choose one of cross_entropy, mse"):
+        ops.loss("hinge", logits, labels, 1.0, np.empty_like(logits))
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        ops.predict_stats(logits, labels, "hinge")
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+@pytest.mark.parametrize("labels,lo,hi", [([0, 3], 0, 3), ([-1, 2], -1, 2)])
+def test_labels_out_of_range_are_rejected(backend, loss, labels, lo, hi):
+    ops = get_ops(backend)
+    logits, labels = np.zeros((2, 3), np.float32), np.array(labels)
+    msg = rf"labels must lie in \[0, 3\) for 3 outputs; got min {lo}, max {hi}"
+    with pytest.raises(ValueError, match=msg):
+        ops.loss(loss, logits, labels, 1.0, np.empty_like(logits))
+    with pytest.raises(ValueError, match=msg):
+        ops.predict_stats(logits, labels, loss)
+
+
+@pytest.mark.parametrize("backend", CPU)
+def test_adam_counts_steps_from_one(backend):
+    p = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="counts steps from 1"):
+        get_ops(backend).adam_step(p, p, p.copy(), p.copy(), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_scalars_are_the_kernels_formulas(dtype):
+    """The fused kernels get exactly these numbers, cast once to the buffers' dtype."""
+    lr, b1, b2, eps, wd, t = 3e-3, 0.9, 0.999, 1e-8, 0.01, 7
+    d = np.dtype(dtype).type
+    expected = (d(lr / (1 - b1 ** t)), d(b1), d(b2), d(1 - b1), d(1 - b2), d(1 / (1 - b2 ** t)),
+                d(eps), d(1 - lr * wd), d(np.finfo(dtype).tiny))
+    got = AdamScalars.at(lr, b1, b2, eps, wd, t).kernel_args(dtype)
+    assert [type(a) for a in got] == [d] * len(expected)
+    assert got == expected
+    assert grad_factor("cross_entropy", 0.25, 10, dtype) == d(0.25)
+    assert grad_factor("mse", 0.25, 10, dtype) == d(2 * 0.25 / 10)
+
+
+class _Recorder:
+    """Stands in for a CuPy kernel: keeps the arguments of every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, *args):
+        self.calls.append(args)
+
+
+class _Accumulator:
+    """Stands in for CupyOps' device accumulator (loss, correct, bad labels)."""
+
+    def __init__(self, values):
+        self.values = np.array(values, np.float64)
+
+    def fill(self, _):
+        pass
+
+    def get(self):
+        return self.values
+
+
+def _cupy_glue_without_gpu(acc=(2.5, 1, 0)):
+    """A CupyOps whose kernels are recorders: its glue runs on the host, no CuPy needed."""
+    ops = object.__new__(CupyOps)  # skips __init__, which needs a GPU
+    ops.xp = np
+    ops._sgd, ops._momentum, ops._adam = _Recorder(), _Recorder(), _Recorder()
+    ops._acc = _Accumulator(acc)
+    ops._loss_kernels = {(name, np.dtype(np.float32)): _Recorder() for name in LOSS_NAMES}
+    return ops
+
+
+def _same_args(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a is b or (type(a) is type(b) and a == b), (a, b)
+
+
+def test_cupy_optimizer_kernels_get_the_same_scalars():
+    ops = _cupy_glue_without_gpu()
+    f = np.float32
+    p, g, m, v = (np.ones(4, f) for _ in range(4))
+    ops.sgd_step(p, g, 0.1, 0.01)
+    _same_args(ops._sgd.calls[0], (g, f(0.1), f(0.01), p))
+    ops.momentum_step(p, g, v, 0.1, 0.9, True, 0.01)
+    _same_args(ops._momentum.calls[0],
+               (g, f(0.1), f(0.9), f(0.01), np.finfo(f).tiny, np.int32(1), p, v))
+    ops.adam_step(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.01, 3)
+    _same_args(ops._adam.calls[0], (g, f(1e-3 / (1 - 0.9 ** 3)), f(0.9), f(0.999), f(1 - 0.9),
+                                    f(1 - 0.999), f(1 / (1 - 0.999 ** 3)), f(1e-8),
+                                    f(1 - 1e-3 * 0.01), np.finfo(f).tiny, p, m, v))
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_cupy_loss_glue(loss):
+    ops = _cupy_glue_without_gpu()
+    logits, labels = np.zeros((3, 4), np.float32), np.array([0, 1, 3])
+    out = np.empty_like(logits)
+    assert ops.loss(loss, logits, labels, 0.5, out) == 2.5
+    assert ops.predict_stats(logits, labels, loss) == (2.5, 1)
+    (grid, block, args), (_, _, eval_args) = ops._loss_kernels[(loss, logits.dtype)].calls
+    assert grid == (1,) and block == (128,)
+    factor = np.float32(0.5) if loss == "cross_entropy" else np.float32(2 * 0.5 / 4)
+    _same_args(args[2:], (np.int32(3), np.int32(4), factor, out, np.int32(1), ops._acc))
+    assert args[1].dtype == np.int64 and eval_args[6] == 0  # predict_stats writes no gradient
+    bad = _cupy_glue_without_gpu(acc=(0.0, 0, 1))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        bad.loss(loss, logits, labels, 0.5, out)

@@ -1,17 +1,10 @@
 """One small op set, several implementations.
 
-``numpy_ops.NumpyOps`` is the readable reference and the specification; the
-other backends implement the same methods and are tested against it.
-
-The op set (every method works on the backend's array type):
-
-    linear_act(x, W, b, act, out)           out = act(x·W + b)                (B, O)
-    act_bias_backward(dy, y, act, db)       dz = dy ⊙ act'(y); db += Σ_rows dz (B, O)
-    weight_grad(x, dz, dW)                  dW += xᵀ·dz                        (I, O)
-    input_grad(dz, W, out)                  out = dz·Wᵀ                        (B, I)
-    loss(name, logits, labels, scale, out)  loss_sum, out = scale·dL/dlogits   (B, C)
-    predict_stats(logits, labels)           (loss_sum, n_correct) for evaluation
-    sgd_step / momentum_step / adam_step    in-place updates of the flat buffers
+``base.OpSet`` is the interface: every op with its shapes and equation, and
+the glue all backends share (loss-name and label checks, Adam's per-step
+scalars, the host no-ops). ``numpy_ops.NumpyOps`` is the readable reference
+and the specification; ``numba_ops.NumbaOps`` (CPU) and ``cupy_ops.CupyOps``
+(GPU) implement the same interface and are tested against it.
 """
 
 from __future__ import annotations

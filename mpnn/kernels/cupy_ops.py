@@ -1,7 +1,7 @@
 """The op set on an NVIDIA GPU: cuBLAS GEMMs and fused CuPy kernels.
 
-Same methods and results as ``numpy_ops.NumpyOps`` (the specification), on
-``cupy`` arrays:
+Same interface (``base.OpSet``) and results as ``numpy_ops.NumpyOps`` (the
+specification), on ``cupy`` arrays:
 
 * GEMMs go to cuBLAS: ``cupy.matmul(..., out=)`` forward and for the input
   gradient; ``weight_grad`` calls ``cupy.cublas.gemm`` with ``beta = 1`` so
@@ -28,6 +28,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+
+from ..nn.functional import ACTIVATIONS, LOSS_NAMES
+from .base import OpSet, flush_bound, grad_factor, typed
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,6 +61,8 @@ _ACT_BACKWARD = {  # dz = dy ⊙ act'(y), act' written with the output y
     "tanh": "dy = dy * ((T)1 - y * y);",
     "sigmoid": "dy = dy * y * ((T)1 - y);",
 }
+assert set(_ACT_FORWARD) == set(ACTIVATIONS), "every activation needs a forward kernel"
+assert set(_ACT_BACKWARD) == set(ACTIVATIONS) - {"identity"}, "and a backward (identity: none)"
 
 _LOSS_SOURCE = r"""
 typedef REAL T;
@@ -109,10 +114,13 @@ extern "C" __global__ void mse(const T* z, const long long* labels, int B, int C
 }
 """
 
+_LOSS_KERNELS = {"cross_entropy": "softmax_xent", "mse": "mse"}  # names in _LOSS_SOURCE
+assert set(_LOSS_KERNELS) == set(LOSS_NAMES), "every loss needs a kernel"
+
 _REAL = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
-class CupyOps:
+class CupyOps(OpSet):
     """GPU op set (see the module docstring). Needs CuPy and a usable GPU."""
 
     name = "cupy"
@@ -185,21 +193,11 @@ class CupyOps:
 
     # --------------------------------------------------------------- loss
 
-    def loss(self, name, logits, labels, scale, out):
-        """Sum of per-row losses; out = scale · dL/dlogits (B, C)."""
-        return self._loss(name, logits, labels, scale, out, True)[0]
-
-    def predict_stats(self, logits, labels, loss_name):
-        """(loss_sum, n_correct) of a batch, for evaluation."""
-        return self._loss(loss_name, logits, labels, 1.0, logits, False)
-
-    def _loss(self, name, logits, labels, scale, out, write_grad):
+    def _loss_rows(self, name, logits, labels, scale, out, write_grad):
+        """(loss_sum, n_correct; -1: a bad label), one thread per row; out (B, C) if write_grad."""
         cp = self.xp
-        if name not in ("cross_entropy", "mse"):
-            raise ValueError(f"unknown loss {name!r}; choose one of cross_entropy, mse")
         B, C = logits.shape
-        t = logits.dtype.type
-        factor = t(scale) if name == "cross_entropy" else t(2 * scale / C)
+        factor = grad_factor(name, scale, C, logits.dtype)
         logits = cp.ascontiguousarray(logits)
         labels = cp.ascontiguousarray(cp.asarray(labels), dtype=cp.int64)
         kernel = self._loss_kernel(name, logits.dtype)
@@ -209,10 +207,7 @@ class CupyOps:
                (logits, labels, np.int32(B), np.int32(C), factor, out,
                 np.int32(bool(write_grad)), self._acc))
         loss_sum, correct, bad = self._acc.get()  # the step's one host sync
-        if bad:
-            raise ValueError(f"labels must lie in [0, {C}) for {C} outputs; "
-                             f"{int(bad)} rows of this batch do not")
-        return float(loss_sum), int(correct)
+        return loss_sum, -1 if bad else correct
 
     def _loss_kernel(self, name, dtype):
         key = (name, np.dtype(dtype))
@@ -221,29 +216,23 @@ class CupyOps:
             if real is None:
                 raise TypeError(f"the cupy backend supports float32 and float64, not {dtype}")
             module = self.xp.RawModule(code=_LOSS_SOURCE.replace("REAL", real))
-            self._loss_kernels[key] = module.get_function(
-                "softmax_xent" if name == "cross_entropy" else "mse")
+            self._loss_kernels[key] = module.get_function(_LOSS_KERNELS[name])
         return self._loss_kernels[key]
 
     # ---------------------------------------------------------- optimizer
 
     def sgd_step(self, p, g, lr, weight_decay):
         """p -= lr·(g + wd·p)."""
-        t = p.dtype.type
-        self._sgd(g, t(lr), t(weight_decay), p)
+        self._sgd(g, *typed(p.dtype, lr, weight_decay), p)
 
     def momentum_step(self, p, g, v, lr, momentum, nesterov, weight_decay):
         """v = μ·v + (g + wd·p);  p -= lr·v   (Nesterov: p -= lr·(g + wd·p + μ·v))."""
-        t = p.dtype.type
-        self._momentum(g, t(lr), t(momentum), t(weight_decay), t(np.finfo(p.dtype).tiny),
+        self._momentum(g, *typed(p.dtype, lr, momentum, weight_decay, flush_bound(p.dtype)),
                        np.int32(bool(nesterov)), p, v)
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-        """AdamW: p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + ε), with bias-corrected m̂, v̂."""
-        d = p.dtype.type
-        self._adam(g, d(lr / (1 - beta1 ** t)), d(beta1), d(beta2), d(1 - beta1), d(1 - beta2),
-                   d(1 / (1 - beta2 ** t)), d(eps), d(1 - lr * weight_decay),
-                   d(np.finfo(p.dtype).tiny), p, m, v)
+    def _adam_update(self, p, g, m, v, s):
+        """AdamW in one pass with the step's scalars ``s`` (see ``base.AdamScalars``)."""
+        self._adam(g, *s.kernel_args(p.dtype), p, m, v)
 
     # -------------------------------------------------------------- misc
 

@@ -1,7 +1,7 @@
 """The op set on the CPU: BLAS GEMMs with fused numba epilogues, no allocation.
 
-Same methods and results as ``numpy_ops.NumpyOps`` (the specification). What
-is different, and why it is faster:
+Same interface (``base.OpSet``) and results as ``numpy_ops.NumpyOps`` (the
+specification). What is different, and why it is faster:
 
 * **GEMMs stay on BLAS**: no numba GEMM was measured
   faster than OpenBLAS here. ``weight_grad`` calls BLAS ``?gemm`` with
@@ -44,8 +44,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-ACT_CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
-LOSS_CODES = {"cross_entropy": 0, "mse": 1}
+from ..nn.functional import ACTIVATIONS, LOSS_NAMES
+from .base import HostOpSet, flush_bound, grad_factor, typed
+
+ACT_CODES = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}  # the kernels' branch numbers
+assert set(ACT_CODES) == set(ACTIVATIONS), "every activation needs a kernel code"
 
 # ------------------------------------------------------------- forward epilogue
 
@@ -247,14 +250,14 @@ def adam_update(p, g, m, v, lr_t, beta1, beta2, c1, c2, inv_bc2, eps, decay, tin
 
 # ------------------------------------------------------------------ the op set
 
+_LOSS_KERNELS = {"cross_entropy": softmax_xent, "mse": mse_loss}
+assert set(_LOSS_KERNELS) == set(LOSS_NAMES), "every loss needs a kernel"
 
 
-
-class NumbaOps:
+class NumbaOps(HostOpSet):
     """CPU op set: BLAS GEMMs + fused numba kernels (see the module docstring)."""
 
     name = "numba"
-    xp = np
 
     def __init__(self):
         self._gemm_beta1 = _beta1_gemms()
@@ -305,59 +308,25 @@ class NumbaOps:
 
     # --------------------------------------------------------------- loss
 
-    def loss(self, name, logits, labels, scale, out):
-        """Sum of per-row losses; out = scale · dL/dlogits (B, C)."""
-        loss_sum, _ = self._loss(name, logits, labels, scale, out, True)
-        return loss_sum
-
-    def predict_stats(self, logits, labels, loss_name):
-        """(loss_sum, n_correct) of a batch, for evaluation (no gradient written)."""
-        return self._loss(loss_name, logits, labels, 1.0, logits, False)
-
-    def _loss(self, name, logits, labels, scale, out, write_grad):
-        if name not in LOSS_CODES:
-            raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_CODES)}")
-        t = logits.dtype.type
-        if name == "cross_entropy":
-            loss_sum, correct = softmax_xent(logits, labels, t(scale), out, write_grad)
-        else:
-            C = logits.shape[1]
-            loss_sum, correct = mse_loss(logits, labels, t(2 * scale / C), out, write_grad)
-        if correct < 0:
-            raise ValueError(f"labels must lie in [0, {logits.shape[1]}) for "
-                             f"{logits.shape[1]} outputs; got min {labels.min()}, max {labels.max()}")
-        return float(loss_sum), int(correct)
+    def _loss_rows(self, name, logits, labels, scale, out, write_grad):
+        """(loss_sum, n_correct; -1: a bad label) in one fused pass; out (B, C) if write_grad."""
+        factor = grad_factor(name, scale, logits.shape[1], logits.dtype)
+        return _LOSS_KERNELS[name](logits, labels, factor, out, write_grad)
 
     # ---------------------------------------------------------- optimizer
 
     def sgd_step(self, p, g, lr, weight_decay):
         """p -= lr·(g + wd·p)."""
-        t = p.dtype.type
-        sgd_update(p, g, t(lr), t(weight_decay))
+        sgd_update(p, g, *typed(p.dtype, lr, weight_decay))
 
     def momentum_step(self, p, g, v, lr, momentum, nesterov, weight_decay):
         """v = μ·v + (g + wd·p);  p -= lr·v   (Nesterov: p -= lr·(g + wd·p + μ·v))."""
-        t = p.dtype.type
-        momentum_update(p, g, v, t(lr), t(momentum), bool(nesterov), t(weight_decay),
-                        t(np.finfo(p.dtype).tiny))
+        t_lr, t_mu, t_wd, tiny = typed(p.dtype, lr, momentum, weight_decay, flush_bound(p.dtype))
+        momentum_update(p, g, v, t_lr, t_mu, bool(nesterov), t_wd, tiny)
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-        """AdamW: p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + ε), with bias-corrected m̂, v̂."""
-        d = p.dtype.type
-        adam_update(p, g, m, v, d(lr / (1 - beta1 ** t)), d(beta1), d(beta2), d(1 - beta1),
-                    d(1 - beta2), d(1 / (1 - beta2 ** t)), d(eps), d(1 - lr * weight_decay),
-                    d(np.finfo(p.dtype).tiny))
-
-    # -------------------------------------------------------------- misc
-
-    def to_device(self, a):
-        return a
-
-    def to_host(self, a):
-        return a
-
-    def synchronize(self):
-        pass
+    def _adam_update(self, p, g, m, v, s):
+        """AdamW in one pass with the step's scalars ``s`` (see ``base.AdamScalars``)."""
+        adam_update(p, g, m, v, *s.kernel_args(p.dtype))
 
 
 def _beta1_gemms():

@@ -1,7 +1,8 @@
 """The reference op set in plain NumPy: the specification the fast backends meet.
 
-Shapes: B rows, I in features, O out features, C classes. See
-``mpnn/functional.py`` for the derivations each op implements.
+Shapes: B rows, I in features, O out features, C classes, N flat parameters.
+The interface and its equations are in ``base.py``; ``mpnn/nn/functional.py``
+holds the math each op calls and ``docs/derivations.md`` its derivation.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..nn import functional as F
+from .base import HostOpSet
 
 
-class NumpyOps:
+class NumpyOps(HostOpSet):
     name = "numpy"
-    xp = np
 
     # ------------------------------------------------------------ forward
 
@@ -46,20 +47,15 @@ class NumpyOps:
 
     # --------------------------------------------------------------- loss
 
-    def loss(self, name, logits, labels, scale, out):
-        """Sum of per-row losses; out = scale · dL/dlogits (B, C)."""
-        if name == "mse":
-            target = F.one_hot(labels, logits.shape[1], logits.dtype)
-            loss_sum, d = F.mse(logits, target, scale)
-        else:
-            loss_sum, d = F.softmax_cross_entropy(logits, labels, scale)
-        out[...] = d
-        return loss_sum
-
-    def predict_stats(self, logits, labels, loss_name):
-        """(loss_sum, n_correct) of a batch, for evaluation."""
-        d = np.empty_like(logits)
-        loss_sum = self.loss(loss_name, logits, labels, 1.0, d)
+    def _loss_rows(self, name, logits, labels, scale, out, write_grad):
+        """(loss_sum, n_correct) from ``functional``; out = scale · dL/dlogits (B, C)."""
+        C = logits.shape[1]
+        if labels.size and (labels.min() < 0 or labels.max() >= C):
+            return 0.0, -1
+        target = F.one_hot(labels, C, logits.dtype) if name == "mse" else labels  # (B, C) | (B,)
+        loss_sum, d = F.LOSSES[name](logits, target, scale)  # d (B, C)
+        if write_grad:
+            out[...] = d
         return loss_sum, int((logits.argmax(axis=1) == labels).sum())
 
     # ---------------------------------------------------------- optimizer
@@ -78,25 +74,13 @@ class NumpyOps:
         v += g
         p -= lr * (g + momentum * v if nesterov else v)
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
-        """AdamW: p ← p·(1 − lr·wd) − lr · m̂ / (√v̂ + ε), with bias-corrected m̂, v̂."""
-        m *= beta1
-        m += (1 - beta1) * g
-        v *= beta2
-        v += (1 - beta2) * (g * g)
-        if weight_decay:
-            p *= 1 - lr * weight_decay
-        step = lr / (1 - beta1 ** t)
-        denom = np.sqrt(v / (1 - beta2 ** t)) + eps
-        p -= step * (m / denom)
-
-    # -------------------------------------------------------------- misc
-
-    def to_device(self, a):
-        return a
-
-    def to_host(self, a):
-        return a
-
-    def synchronize(self):
-        pass
+    def _adam_update(self, p, g, m, v, s):
+        """m = β₁m + (1−β₁)g;  v = β₂v + (1−β₂)g²;  p = p·decay − lr_t · m / (√(v/bc2) + ε)."""
+        m *= s.beta1
+        m += s.c1 * g
+        v *= s.beta2
+        v += s.c2 * (g * g)
+        if s.weight_decay:
+            p *= s.decay
+        denom = np.sqrt(v / s.bc2) + s.eps  # (N,) √v̂ + ε
+        p -= s.lr_t * (m / denom)

@@ -98,6 +98,9 @@ ACTIVATIONS = {
     "sigmoid": (sigmoid_forward, sigmoid_backward),
     "identity": (identity_forward, identity_backward),
 }
+HIDDEN_ACTIVATIONS = tuple(ACTIVATIONS)
+"""The activation names, defined here once: a model's hidden layers use one of
+them (its output layer is the identity), and every op set implements each."""
 
 # ---------------------------------------------------------------------------- losses
 # Both losses return the *sum* of the per-row losses and the gradient of
@@ -155,3 +158,5 @@ def one_hot(labels, num_classes, dtype=np.float32):
 
 
 LOSSES = {"cross_entropy": softmax_cross_entropy, "mse": mse}
+LOSS_NAMES = tuple(LOSSES)
+"""The loss names, defined here once: what ``--loss`` and the op sets' ``loss`` accept."""

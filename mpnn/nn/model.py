@@ -17,9 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..kernels import get_ops
+from .functional import HIDDEN_ACTIVATIONS  # re-exported: the --activation choices
 from .params import FlatParams, Layout
-
-HIDDEN_ACTIVATIONS = ("relu", "tanh", "sigmoid", "identity")
 
 
 def init_layer(sizes, i, activation, seed, dtype):
