@@ -20,7 +20,8 @@ from mpi4py import MPI
 
 comm = MPI.COMM_WORLD
 if comm.Get_size() != 2:
-    raise SystemExit("run with exactly two ranks: mpirun -n 2 python mpi_examples/pipeline_two_stage.py")
+    raise SystemExit("run with exactly two ranks: "
+                     "mpirun -n 2 python mpi_examples/pipeline_two_stage.py")
 rank = comm.Get_rank()
 
 N, I, H, O, M = 32, 6, 8, 3, 4  # batch rows, sizes, micro-batches
@@ -55,7 +56,8 @@ else:
 hs = np.maximum(x @ W1, 0)
 d = (hs @ W2 - y) / N
 if rank == 0:
-    ref = x.T @ ((d @ W2.T) * (hs > 0))
-    print(f"stage 0: dW1 matches the full-batch gradient: {np.allclose(dW1, ref)}")
+    assert np.allclose(dW1, x.T @ ((d @ W2.T) * (hs > 0))), "stage 0: dW1 differs"
+    print("stage 0: dW1 matches the full-batch gradient")
 else:
-    print(f"stage 1: loss {loss:.4f}, dW2 matches the full-batch gradient: {np.allclose(dW2, hs.T @ d)}")
+    assert np.allclose(dW2, hs.T @ d), "stage 1: dW2 differs"
+    print(f"stage 1: loss {loss:.4f}, dW2 matches the full-batch gradient")
