@@ -13,7 +13,9 @@ from mpnn.runtime import files, guards
 from mpnn.runtime.checkpoint import CheckpointError
 from mpnn.runtime.guards import NonFiniteError
 from mpnn.nn.model import MLP
-from mpnn.train import load_weights, main
+from mpnn.runtime.weights import load_weights
+from mpnn.runtime.config import Every
+from mpnn.train import main, parse_every
 
 BASE = ["--dataset", "digits", "--hidden", "24,16", "--epochs", "2", "--batch-size", "100",
         "--dtype", "float64", "--quiet"]
@@ -38,17 +40,17 @@ def weights_equal(a, b):
 # ------------------------------------------------------------------ options
 
 
-@pytest.mark.parametrize("text, every", [("200", ck.Every(200, "steps")), ("7s", ck.Every(7, "steps")),
-                                         ("3steps", ck.Every(3, "steps")), ("1e", ck.Every(1, "epochs")),
-                                         ("2epochs", ck.Every(2, "epochs"))])
+@pytest.mark.parametrize("text, every", [("200", Every(200, "steps")), ("7s", Every(7, "steps")),
+                                         ("3steps", Every(3, "steps")), ("1e", Every(1, "epochs")),
+                                         ("2epochs", Every(2, "epochs"))])
 def test_every_syntax(text, every):
-    assert ck.parse_every(text) == every
+    assert parse_every(text) == every
 
 
 @pytest.mark.parametrize("text", ["0", "-1", "x", "1.5", "2h", ""])
 def test_every_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError, match="positive number of steps"):
-        ck.parse_every(text)
+        parse_every(text)
 
 
 # ------------------------------------------------------------- file format

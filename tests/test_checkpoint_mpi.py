@@ -8,14 +8,14 @@ bitwise on the same grid). Run under ``mpirun -n 2`` and ``-n 4`` with
 
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import pytest
 
 from mpnn.runtime import checkpoint as ck
 from mpnn.runtime.guards import check_replicas_agree
-from mpnn.train import build_parser, load_weights, setup, train
+from conftest import run_training, shared_dir, sub_world
+from mpnn.runtime.weights import load_weights
 
 # digits: 1437 rows, batch 100: 15 steps per epoch, the last batch 37 rows
 BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch-size", "100",
@@ -23,27 +23,10 @@ BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch
         "--weight-decay", "0.01"]
 
 
-def sub_world(ranks):
-    """A communicator of the first ``ranks`` world ranks (None on the others)."""
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    inside = world.Get_rank() < ranks
-    sub = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
-    return sub if inside else None
-
-
-def shared_dir(comm):
-    """One temporary directory every rank of ``comm`` sees (rank 0 makes it)."""
-    path = tempfile.mkdtemp(prefix="mpnn-ck-") if comm.Get_rank() == 0 else None
-    return comm.bcast(path, root=0)
-
-
 def run(argv, comm):
-    args = build_parser().parse_args(argv)
-    grid, data, model, _, _ = setup(args, comm)
-    resume = ck.load_resume(args, model)
-    return train(args, comm, grid, data, model, log=lambda *a: None, resume=resume), model
+    """Train ``argv`` on ``comm`` (None: a world of one); (history, model)."""
+    built, history = run_training(argv, comm)
+    return history, built.model
 
 
 def max_diff(a, b):
@@ -133,7 +116,7 @@ def test_diverged_replica_is_named():
 @pytest.mark.mpi(min_size=2)
 def test_training_stops_when_a_replica_diverges(monkeypatch):
     """A replica whose update differs is caught at the next epoch end, before its checkpoint."""
-    import mpnn.train as mt
+    import mpnn.runtime.loop as mt
 
     comm = sub_world(2)
     if comm is None:

@@ -14,8 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from mpnn.runtime import checkpoint as ck
+from conftest import build_run
 from mpnn.data import write_idx
+from mpnn.runtime import checkpoint as ck
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
@@ -127,9 +128,7 @@ CASES = [
 
 def _weights(tmp_path, nan=False, extra=False):
     """A --save file for FAST's model, broken as asked."""
-    from mpnn.train import build_parser, setup
-
-    state = setup(build_parser().parse_args(FAST), None)[2].state_dict()
+    state = build_run(FAST).model.state_dict()
     if nan:
         state["layers.0.weight"][3, 4] = np.nan
     if extra:
@@ -176,17 +175,18 @@ def test_bad_input_is_a_clear_error(tmp_path, name, argv, ranks, message, status
 
 INJECT = """
 import sys
+import mpnn.runtime.loop as loop
 import mpnn.train as t
 from mpi4py import MPI
 
-real = t.check_finite
+real = loop.check_finite
 
 def failing(model, loss, step, *a, **k):
     if MPI.COMM_WORLD.Get_rank() == 2 and step == 12:
         raise RuntimeError("injected failure in the middle of epoch 1")
     return real(model, loss, step, *a, **k)
 
-t.check_finite = failing
+loop.check_finite = failing
 sys.exit(t.main(sys.argv[1:]))
 """
 RUN = ["--dataset", "digits", "--hidden", "32,16", "--batch-size", "16", "--quiet"]
@@ -251,11 +251,8 @@ def test_sigkill_of_one_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path
     c = ck.read_checkpoint(latest)  # complete and verified
     assert c.meta["step"] % 20 == 0 and c.meta["step"] >= 40
     # and a run resumes from it (everything before the first collective, on one rank)
-    from mpnn.train import build_parser, setup
-
-    args = build_parser().parse_args(RUN + ["--epochs", "500", "--checkpoint-dir", str(d), "--resume"])
-    _, _, model, _, _ = setup(args, None)
-    resume = ck.load_resume(args, model)
+    run = build_run(RUN + ["--epochs", "500", "--checkpoint-dir", str(d), "--resume"])
+    model, resume = run.model, run.resume
     assert resume.path == latest and resume.step == c.meta["step"]
     np.testing.assert_array_equal(model.state_dict()["layers.0.weight"], c.params["layers.0.weight"])
 

@@ -9,19 +9,19 @@ absence is a failure.
 import pytest
 
 from mpnn.data import DataError
-from mpnn.train import build_parser, setup, train
+from conftest import build_run
+from mpnn.runtime.loop import train
 
 
 def trained_accuracy(dataset, require_data):
-    args = build_parser().parse_args(["--dataset", dataset, "--quiet"])  # default settings
     try:
-        grid, data, model, _, _ = setup(args, None)
+        run = build_run(["--dataset", dataset, "--quiet"])  # default settings
     except DataError as e:
         if require_data:
             raise
         pytest.skip(f"{dataset} IDX files not present here ({str(e).splitlines()[0]})")
-    assert model.sizes == [784, 256, 128, 64, 10]
-    history = train(args, None, grid, data, model)
+    assert run.model.sizes == [784, 256, 128, 64, 10]
+    history = train(run)
     assert len(history) == 10
     return max(r["test_accuracy"] for r in history), history[-1]["test_accuracy"]
 

@@ -4,12 +4,16 @@ forward, backward, optimizer step, Allreduce and each Send/Recv wait."""
 import json
 import os
 import shutil
-import tempfile
 
 import pytest
 
+from mpi4py import MPI
+
+from conftest import run_training, shared_dir
 from mpnn.runtime.trace import NULL_TRACER, Tracer, chrome_trace, make_tracer
-from mpnn.train import build_parser, main, setup, train
+from mpnn.train import main
+
+SELF = MPI.COMM_SELF
 
 
 def spans(doc):
@@ -20,12 +24,12 @@ def test_null_tracer_records_nothing_and_costs_little():
     assert make_tracer(None) is NULL_TRACER and not NULL_TRACER.enabled
     with NULL_TRACER.span("forward", mb=1) as s:
         assert s is NULL_TRACER.span("backward")  # one shared object, nothing allocated per call
-    NULL_TRACER.write("/nonexistent/never-written.json")
+    NULL_TRACER.write("/nonexistent/never-written.json", SELF)
 
 
 def test_spans_nest_and_carry_arguments():
     t = Tracer()
-    t.start()
+    t.start(SELF)
     with t.span("forward", mb=3):
         with t.span("inner"):
             pass
@@ -62,11 +66,6 @@ def test_serial_run_writes_a_trace(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # written atomically, no temporaries
 
 
-def shared_dir(comm):
-    path = tempfile.mkdtemp(prefix="mpnn-trace-") if comm.Get_rank() == 0 else None
-    return comm.bcast(path, root=0)
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("grid", ["dp", "pp"])
 def test_trace_has_spans_from_every_rank(grid):
@@ -80,9 +79,7 @@ def test_trace_has_spans_from_every_rank(grid):
             "--quiet", "--trace", path]
     if grid == "pp":
         argv += ["--pp", "2", "--micro-batches", "2"]
-    args = build_parser().parse_args(argv)
-    g, data, model, _, _ = setup(args, world)
-    train(args, world, g, data, model, log=lambda *a: None)
+    run_training(argv, world)
     world.Barrier()
     doc = json.loads(open(path).read())
     rows = {e["pid"]: e["args"]["name"] for e in doc["traceEvents"] if e["name"] == "process_name"}

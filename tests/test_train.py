@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from mpnn.nn.model import MLP, Context
-from mpnn.train import build_parser, load_weights, main, setup, train
+from conftest import build_run, run_training
+from mpnn.runtime.loop import train
+from mpnn.runtime.weights import load_weights
+from mpnn.train import main
 
 FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -36,8 +39,7 @@ def test_save_writes_named_layers_and_init_reads_them(tmp_path):
     with np.load(path, allow_pickle=False) as z:  # plain npz, no pickle needed
         assert z["layers.1.weight"].dtype == np.float32
     # --init starts from exactly those weights
-    args = build_parser().parse_args(FAST + ["--hidden", "32,16", "--init", str(path)])
-    _, _, model, _, _ = setup(args, None)
+    model = build_run(FAST + ["--hidden", "32,16", "--init", str(path)]).model
     for name, value in w.items():
         np.testing.assert_array_equal(model.state_dict()[name], value)
 
@@ -73,8 +75,8 @@ def test_plain_sgd_is_w_minus_lr_times_mean_gradient():
     argv = ["--dataset", "digits", "--hidden", "8", "--epochs", "1", "--batch-size", "5000",
             "--optimizer", "sgd", "--momentum", "0", "--lr", "0.5", "--lr-schedule", "constant",
             "--dtype", "float64", "--quiet"]
-    args = build_parser().parse_args(argv)
-    grid, data, model, _, _ = setup(args, None)
+    run = build_run(argv)
+    data, model = run.data, run.model
     ref = MLP(model.sizes, dtype=np.float64, seed=0)
     x, y = data.x_train, data.y_train  # one batch: the epoch's order does not change the mean
     ctx = Context()
@@ -84,13 +86,12 @@ def test_plain_sgd_is_w_minus_lr_times_mean_gradient():
     ref.zero_grad()
     ref.backward(d, ctx)
     expected = ref.flat.data - 0.5 * ref.flat.grad
-    train(args, None, grid, data, model, log=lambda *a: None)
+    train(run, log=lambda *a: None)
     np.testing.assert_allclose(model.flat.data, expected, rtol=0, atol=1e-12)
 
 
 def test_digits_default_settings_reach_096():
-    args = build_parser().parse_args(["--dataset", "digits", "--quiet"])
-    history = train(args, None, *setup(args, None)[:3])
+    _, history = run_training(["--dataset", "digits", "--quiet"])
     assert history[-1]["test_accuracy"] >= 0.96
 
 
@@ -118,14 +119,16 @@ WARM_UP_CHECK = """
 import sys
 from numba.core.registry import CPUDispatcher
 from mpnn.kernels import numba_ops
-from mpnn.train import build_parser, setup, train
+from mpi4py import MPI
+from mpnn.runtime.loop import train
+from mpnn.runtime.setup import setup
+from mpnn.train import parse_config
 
 kernels = [f for f in vars(numba_ops).values() if isinstance(f, CPUDispatcher)]
-args = build_parser().parse_args(sys.argv[1:])
-grid, data, model, _, _ = setup(args, None)
+run = setup(parse_config(sys.argv[1:]), MPI.COMM_SELF)
 compiled = {f.__name__: len(f.signatures) for f in kernels}
 assert sum(compiled.values()) > 0, compiled
-train(args, None, grid, data, model, log=lambda *a: None)
+train(run, log=lambda *a: None)
 after = {f.__name__: len(f.signatures) for f in kernels}
 assert after == compiled, f"compiled during training: {after} (after setup: {compiled})"
 """

@@ -9,7 +9,7 @@ Run under ``mpirun -n 2`` and ``-n 4`` with ``pytest --with-mpi``.
 import numpy as np
 import pytest
 
-from mpnn.train import build_parser, setup, train
+from conftest import build_run, run_training, sub_world
 
 # digits: 1437 training rows, so --batch-size 100 leaves a last batch of 37 rows,
 # which 4 ranks share as 10, 9, 9, 9.
@@ -23,21 +23,10 @@ OPTIMIZERS = {
 }
 
 
-def run_training(argv, comm):
-    args = build_parser().parse_args(argv)
-    grid, data, model, _, _ = setup(args, comm)
-    history = train(args, comm, grid, data, model, log=lambda *a: None)
-    return model.state_dict(), history
-
-
-def sub_world(ranks):
-    """A communicator of the first ``ranks`` world ranks (None on the others)."""
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    inside = world.Get_rank() < ranks
-    sub = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
-    return sub if inside else None
+def weights(argv, comm=None):
+    """Trained weights and per-epoch metrics of ``argv`` on ``comm`` (default: serial)."""
+    run, history = run_training(argv, comm)
+    return run.model.state_dict(), history
 
 
 @pytest.mark.mpi(min_size=2)
@@ -48,8 +37,8 @@ def test_data_parallel_weights_match_serial(ranks, optimizer):
     comm = sub_world(ranks)
     if comm is None:
         return  # this rank is not part of the ranks-sized job
-    parallel, hist_par = run_training(argv, comm)
-    serial, hist_ser = run_training(argv, None)
+    parallel, hist_par = weights(argv, comm)
+    serial, hist_ser = weights(argv)
     assert parallel.keys() == serial.keys()
     for name in serial:
         diff = np.max(np.abs(parallel[name] - serial[name]))
@@ -57,7 +46,7 @@ def test_data_parallel_weights_match_serial(ranks, optimizer):
     # the weights moved, so the comparison is not vacuous
     assert not np.allclose(serial["layers.0.weight"], run_init(argv)["layers.0.weight"])
     # reduced metrics agree too (summation order only)
-    for a, b in zip(hist_par, hist_ser):
+    for a, b in zip(hist_par, hist_ser, strict=True):
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-12)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
     comm.Free()
@@ -74,17 +63,15 @@ def test_ranks_with_no_rows_of_the_last_batch(bucket_mb):
     comm = MPI.COMM_WORLD
     argv = [a if a != "100" else "718" for a in BASE] + OPTIMIZERS["sgd"] + [
         "--hidden", "24,16,12", "--bucket-mb", bucket_mb]
-    parallel, _ = run_training(argv, comm)
-    serial, _ = run_training(argv, None)
+    parallel, _ = weights(argv, comm)
+    serial, _ = weights(argv)
     for name in serial:
         diff = np.max(np.abs(parallel[name] - serial[name]))
         assert diff <= 1e-9, f"{name}: {diff:.3e} with --bucket-mb {bucket_mb}"
 
 
 def run_init(argv):
-    args = build_parser().parse_args(argv)
-    _, _, model, _, _ = setup(args, None)
-    return model.state_dict()
+    return build_run(argv).model.state_dict()
 
 
 @pytest.mark.mpi(min_size=2)

@@ -12,6 +12,8 @@ ops; its state (velocity, moments) is one flat array of the same layout.
 
 from __future__ import annotations
 
+import math
+
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -67,3 +69,20 @@ def make_optimizer(name, flat, ops, lr, momentum=0.0, nesterov=False, weight_dec
     if name == "adam":
         return Adam(flat, ops, lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(schedule, base_lr, step, total_steps):
+    """The rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    constant   lr = base_lr
+    cosine     lr = base_lr · ½(1 + cos(π · step / total_steps)), from base_lr down to 0
+    """
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of "
+                     f"{', '.join(LR_SCHEDULES)}")

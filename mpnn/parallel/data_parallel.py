@@ -238,4 +238,15 @@ class DataParallelEngine:
         return loss_sum, correct
 
     def state_dict(self):
+        """The whole model's named tensors (every replica holds them all)."""
         return self.model.state_dict()
+
+    def activations(self):
+        """Layer -> its output (b, O) in the last training forward, for the NaN guard."""
+        return self.ctx.outputs
+
+    def epoch_metrics(self):
+        return {}
+
+    def describe(self):
+        return None

@@ -37,7 +37,6 @@ every rank (as the data files are).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -63,85 +62,58 @@ class CheckpointError(ValueError):
     """A checkpoint option, file or directory that cannot be used; says which and why."""
 
 
-# ------------------------------------------------------------------ options
+# ------------------------------------------------------------ the directory
 
 
-@dataclass(frozen=True)
-class Every:
-    """A checkpoint interval: every ``n`` optimizer steps, or every ``n`` epochs."""
+def check_checkpoint_config(cfg, init=None):
+    """Raise CheckpointError for checkpoint options that cannot work (looks only).
 
-    n: int
-    unit: str  # "steps" | "epochs"
-
-    def __str__(self):
-        return f"{self.n}{'e' if self.unit == 'epochs' else ''}"
-
-
-def parse_every(text):
-    """``200`` (steps) or ``200s``/``200steps``; ``1e``/``2epochs`` (epochs)."""
-    m = re.fullmatch(r"\s*(\d+)\s*(s|steps?|e|epochs?)?\s*", text)
-    if not m or int(m.group(1)) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number of steps (e.g. 200) or epochs (e.g. 1e), got {text!r}")
-    unit = "epochs" if (m.group(2) or "s")[0] == "e" else "steps"
-    return Every(int(m.group(1)), unit)
-
-
-def add_checkpoint_options(parser):
-    """``--checkpoint-dir --checkpoint-every --checkpoint-keep --resume`` of ``mpnn.train``."""
-    a = parser.add_argument
-    a("--checkpoint-dir", default=None, metavar="DIR",
-      help="write resumable checkpoints DIR/ckpt-<step>.npz (created if missing)")
-    a("--checkpoint-every", type=parse_every, default=None, metavar="N|Ne",
-      help="checkpoint every N optimizer steps, or every N epochs with Ne (default: 1e); "
-           "a final checkpoint is always written")
-    a("--checkpoint-keep", type=int, default=3, metavar="K",
-      help="keep the newest K checkpoints (0 keeps all; default 3)")
-    a("--resume", nargs="?", const="latest", default=None, metavar="FILE",
-      help="continue from the newest checkpoint in --checkpoint-dir (or from FILE); "
-           "without one in the directory, start from step 0")
-
-
-def check_checkpoint_options(args):
-    """Validate (and create) the checkpoint directory before any collective."""
-    if args.checkpoint_every is not None and not args.checkpoint_dir:
+    cfg: a ``CheckpointConfig``; init: the run's ``--init`` file, if any."""
+    if cfg.every is not None and not cfg.directory:
         raise CheckpointError("--checkpoint-every needs --checkpoint-dir DIR")
-    if args.checkpoint_keep < 0:
-        raise CheckpointError(f"--checkpoint-keep must be >= 0, got {args.checkpoint_keep}")
-    if args.resume == "latest" and not args.checkpoint_dir:
+    if cfg.keep < 0:
+        raise CheckpointError(f"--checkpoint-keep must be >= 0, got {cfg.keep}")
+    if cfg.resume == "latest" and not cfg.directory:
         raise CheckpointError("--resume without a FILE needs --checkpoint-dir DIR "
                               "(the newest checkpoint there is used)")
-    if args.resume and args.init:
+    if cfg.resume and init:
         raise CheckpointError("--resume and --init both set the starting weights; use one")
-    if args.resume and args.resume != "latest" and not os.path.isfile(args.resume):
-        raise CheckpointError(f"--resume {args.resume}: no such file")
-    if args.checkpoint_dir:
-        d = args.checkpoint_dir
-        try:
-            os.makedirs(d, exist_ok=True)
-            with tempfile.TemporaryFile(dir=d):  # a real write: os.access says yes to root
-                pass
-        except OSError as e:
-            raise CheckpointError(f"--checkpoint-dir {d}: cannot write there "
-                                  f"({e.strerror or e})") from None
-        earlier = list_checkpoints(d)
-        if earlier and not args.resume:  # a new run there would prune its own files by step
-            raise CheckpointError(
-                f"--checkpoint-dir {d} already holds {len(earlier)} checkpoint(s) of an earlier "
-                f"run (newest {os.path.basename(earlier[-1])}): add --resume to continue that "
-                f"run, or give a new run an empty directory")
+    if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
+        raise CheckpointError(f"--resume {cfg.resume}: no such file")
+
+
+def prepare_checkpoint_dir(cfg):
+    """Create the checkpoint directory and prove it writable before any training;
+    a new run (no ``--resume``) refuses one that already holds checkpoints."""
+    if not cfg.directory:
+        return
+    d = cfg.directory
+    try:
+        os.makedirs(d, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):  # a real write: os.access says yes to root
+            pass
+    except OSError as e:
+        raise CheckpointError(f"--checkpoint-dir {d}: cannot write there "
+                              f"({e.strerror or e})") from None
+    earlier = list_checkpoints(d)
+    if earlier and not cfg.resume:  # a new run there would prune its own files by step
+        raise CheckpointError(
+            f"--checkpoint-dir {d} already holds {len(earlier)} checkpoint(s) of an earlier "
+            f"run (newest {os.path.basename(earlier[-1])}): add --resume to continue that "
+            f"run, or give a new run an empty directory")
 
 
 # ------------------------------------------------------------ file format
 
 
-def config_of(args, sizes):
-    """The run's configuration as stored in (and compared with) a checkpoint."""
-    return {"sizes": [int(s) for s in sizes], "activation": args.activation, "loss": args.loss,
-            "optimizer": args.optimizer, "dtype": args.dtype, "dataset": args.dataset,
-            "lr": args.lr, "lr_schedule": args.lr_schedule, "momentum": args.momentum,
-            "nesterov": args.nesterov, "weight_decay": args.weight_decay,
-            "batch_size": args.batch_size, "epochs": args.epochs, "seed": args.seed}
+def config_of(config, sizes):
+    """The run's configuration (a ``RunConfig``) as stored in (and compared with) a checkpoint."""
+    m, o = config.model, config.optim
+    return {"sizes": [int(s) for s in sizes], "activation": m.activation, "loss": m.loss,
+            "optimizer": o.optimizer, "dtype": m.dtype, "dataset": config.data.dataset,
+            "lr": o.lr, "lr_schedule": o.lr_schedule, "momentum": o.momentum,
+            "nesterov": o.nesterov, "weight_decay": o.weight_decay,
+            "batch_size": config.batch_size, "epochs": config.epochs, "seed": config.seed}
 
 
 def _digest(arrays):
@@ -283,9 +255,7 @@ def _stage_span(sizes, layers):
 
 
 def _sum_loss(comm, value):
-    """The float64 sum of ``value`` over ``comm`` (serial: unchanged)."""
-    if comm is None or comm.Get_size() == 1:
-        return float(value)
+    """The float64 sum of ``value`` over ``comm`` (a world of one: unchanged)."""
     from mpi4py import MPI
 
     buf = np.array([value], dtype=np.float64)
@@ -304,13 +274,15 @@ class Checkpointer:
     over ``comm``, the stages of replica 0 send their buffers to its first stage.
     """
 
-    def __init__(self, args, sizes, comm=None, grid=None):
-        self.directory = args.checkpoint_dir
-        self.every = args.checkpoint_every or (Every(1, "epochs") if self.directory else None)
-        self.keep = args.checkpoint_keep
-        self.config = config_of(args, sizes)
-        self.comm, self.grid = comm, grid
-        self.rank = comm.Get_rank() if comm is not None else 0
+    def __init__(self, config, sizes, grid):
+        """config: the run's ``RunConfig``; sizes: the whole model's layer sizes;
+        grid: the process grid (``grid.world`` is every rank of the job)."""
+        self.directory = config.checkpoint.directory
+        self.every = config.checkpoint.interval
+        self.keep = config.checkpoint.keep
+        self.config = config_of(config, sizes)
+        self.comm, self.grid = grid.world, grid
+        self.rank = grid.world.Get_rank()
         self.last_saved = None  # (path, step) of the newest checkpoint written by this run
 
     @property
@@ -331,7 +303,7 @@ class Checkpointer:
         params, optim = self._gather(model, opt)
         meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch),
                 "optimizer_t": int(opt.t), "epoch_loss_sum": total_loss, "config": self.config,
-                "grid": {"dp": self.grid.dp, "pp": self.grid.pp} if self.grid else {"dp": 1, "pp": 1}}
+                "grid": {"dp": self.grid.dp, "pp": self.grid.pp}}
         path = checkpoint_path(self.directory, step)
         if self.rank != 0:
             self.last_saved = path
@@ -359,7 +331,7 @@ class Checkpointer:
         ops.synchronize()
         local = {"params": model.flat.data, **opt.state()}
         grid = self.grid
-        if grid is None or grid.pp == 1:
+        if grid.pp == 1:
             return (_host(ops, model.flat.data),
                     {k: _host(ops, v) for k, v in opt.state().items()}) if self.rank == 0 \
                 else (None, None)
@@ -418,19 +390,20 @@ class Resume:
         opt.t = int(self.checkpoint.meta["optimizer_t"])
 
 
-def load_resume(args, model):
+def load_resume(config, model):
     """The checkpoint to resume from, verified against this run and loaded into
     ``model`` (this stage's layers); None when there is nothing to resume.
 
     Called on every rank before the first collective, so a refused file ends
     the job with one message."""
-    if not args.resume:
+    cfg = config.checkpoint
+    if not cfg.resume:
         return None
-    path = latest_checkpoint(args.checkpoint_dir) if args.resume == "latest" else args.resume
+    path = latest_checkpoint(cfg.directory) if cfg.resume == "latest" else cfg.resume
     if path is None:
         return None
     ckpt = read_checkpoint(path)
-    warnings = compare_config(ckpt.config, config_of(args, model.sizes), path)
+    warnings = compare_config(ckpt.config, config_of(config, model.sizes), path)
     full = Layout(model.sizes)
     for name, slot in full.slots.items():
         if name not in ckpt.params or ckpt.params[name].shape != slot.shape:

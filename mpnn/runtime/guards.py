@@ -71,7 +71,7 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
 def check_replicas_agree(comm, flat, when=None):
     """Every replica must hold the same parameters, at the start (``when``
     None) and at the periodic checks (``when`` says which). Names world ranks."""
-    if comm is None or comm.Get_size() == 1:
+    if comm.Get_size() == 1:  # one replica: nothing to compare
         return
     from mpi4py import MPI
 

@@ -3,11 +3,32 @@
     train_batch   one optimizer step: gather this rank's rows of a global
                   batch, the engine's step, the optimizer's (what ``mpnn.train``
                   runs each step and ``mpnn.bench`` times)
+    train         the epochs of a run built by ``runtime.setup``: batches in the
+                  seed's order, guards, checkpoints, evaluation, metrics, the
+                  saved weights, the timeline and the curves
+
+The loop knows no parallel mode: the engine says whether it reads features
+(``needs_inputs``), returns its share of the loss, and adds its own per-epoch
+figures (``epoch_metrics``). Data-parallel rank r of a grid with ``dp``
+replicas takes its contiguous share of every global batch; every sum over
+ranks is in float64 over the whole job.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+
+import numpy as np
+
+from ..data.batching import batch_bounds, epoch_permutation, share_bounds
+from ..nn.optim import learning_rate, make_optimizer
+from .checkpoint import Checkpointer
+from .files import keep_metrics
+from .guards import check_finite, check_replicas_agree
 from .trace import NULL_TRACER
+from .weights import save_weights
 
 
 def train_batch(engine, optimizer, ops, data, rows, global_batch, lr, tracer=NULL_TRACER, step=0):
@@ -24,3 +45,154 @@ def train_batch(engine, optimizer, ops, data, rows, global_batch, lr, tracer=NUL
     with tracer.span("optimizer", step=step + 1):
         optimizer.step(lr)
     return loss
+
+
+def sum_over(comm, values):
+    """Element-wise float64 sum of ``values`` over every rank of ``comm``."""
+    from mpi4py import MPI
+
+    buf = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(buf)
+    comm.Allreduce(buf, out, op=MPI.SUM)
+    return out
+
+
+def train(run, log=print):
+    """Train the run built by ``runtime.setup.setup`` and return the per-epoch
+    metrics (rank 0's view, identical on all ranks). A resumed run (``run.resume``)
+    continues at its step, epoch and batch with its optimizer state."""
+    config, grid, data, model, engine, tracer = (run.config, run.grid, run.data, run.model,
+                                                 run.engine, run.tracer)
+    o, out = config.optim, config.output
+    world, rank = grid.world, grid.world.Get_rank()
+    ops = model.ops
+    check_replicas_agree(grid.dp_comm, model.flat)
+    base_lr = o.base_lr
+    opt = make_optimizer(o.optimizer, model.flat, ops, base_lr, o.momentum, o.nesterov,
+                         o.weight_decay)
+    ckpt = Checkpointer(config, model.sizes, grid)
+    first_epoch, first_batch, step, carried_loss = 1, 0, 0, 0.0
+    resume = run.resume
+    if resume is not None:  # same position, optimizer state and lr step as the saved run
+        resume.restore_optimizer(opt, model)
+        first_epoch, first_batch, step = resume.epoch, resume.batch, resume.step
+        carried_loss = resume.epoch_loss_sum if rank == 0 else 0.0  # the job's sum so far
+        ckpt.last_saved = resume.path
+
+    n, n_test = data.x_train.shape[0], data.x_test.shape[0]
+    bounds = batch_bounds(n, config.batch_size)
+    total_steps = config.epochs * len(bounds)
+
+    def lr_at(s):
+        return learning_rate(o.lr_schedule, base_lr, s, total_steps)
+
+    t_lo, t_hi = share_bounds(n_test, grid.dp_rank, grid.dp)
+    # later pipeline stages receive activations instead of the features
+    x_test = ops.to_device(data.x_test[t_lo:t_hi]) if engine.needs_inputs else None
+    y_test = ops.to_device(data.y_test[t_lo:t_hi])
+    show_bar = rank == 0 and not out.quiet
+    if out.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
+        keep_metrics(out.metrics, first_epoch - 1)
+    history = []
+    tracer.start(world)
+    for epoch in range(first_epoch, config.epochs + 1):
+        order = epoch_permutation(n, config.seed, epoch)
+        t0 = time.perf_counter()
+        skip = first_batch if epoch == first_epoch else 0  # batches a resumed epoch already did
+        loss_sum = carried_loss if epoch == first_epoch else 0.0
+        batches = _progress(bounds[skip:], show_bar, f"epoch {epoch}/{config.epochs}")
+        for batch, (start, stop) in enumerate(batches, skip + 1):
+            lo, hi = share_bounds(stop - start, grid.dp_rank, grid.dp)
+            rows = order[start + lo:start + hi]
+            loss = train_batch(engine, opt, ops, data, rows, stop - start, lr_at(step), tracer,
+                               step)
+            loss_sum += loss
+            step += 1
+            # NaN/inf stops the run here, before any checkpoint can hold it
+            check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
+                         engine.activations())
+            if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
+                with tracer.span("checkpoint", step=step):
+                    check_replicas_agree(grid.dp_comm, model.flat, f"at step {step}")
+                    ckpt.save(model, opt, step, epoch, batch, loss_sum)
+        ops.synchronize()
+        epoch_time = time.perf_counter() - t0
+        trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
+        with tracer.span("evaluate"):
+            test_loss, correct = engine.evaluate(x_test, y_test)
+        # summed over all ranks: in a pipeline only the last stages hold nonzero counts
+        totals = sum_over(world, [loss_sum, test_loss, correct])
+        record = {
+            "epoch": epoch,
+            "train_loss": totals[0] / n,
+            "test_loss": totals[1] / n_test,
+            "test_accuracy": totals[2] / n_test,
+            "epoch_time_s": epoch_time,
+            "samples_per_s": trained / epoch_time,
+            "lr": lr_at(step),
+            "ranks": world.Get_size(),
+        }
+        record.update(engine.epoch_metrics())  # collective (a pipeline's stage times)
+        history.append(record)
+        if rank == 0:
+            _report(record, out, log)
+        check_replicas_agree(grid.dp_comm, model.flat, f"after epoch {epoch}")  # periodic check
+        if ckpt.due_after_epoch(epoch) or ckpt.due_after_step(step) or \
+                (ckpt.enabled and epoch == config.epochs):  # the next epoch starts at batch 0
+            with tracer.span("checkpoint", step=step):
+                path = ckpt.save(model, opt, step, epoch + 1, 0, 0.0)
+            if path and not out.quiet:
+                log(f"checkpoint {path}")
+    _finish(run, history, log)
+    return history
+
+
+def _report(record, out, log):
+    """Rank 0: the epoch's metrics line (file) and progress line (terminal)."""
+    if out.metrics:
+        with open(out.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if out.quiet:
+        return
+    log(f"epoch {record['epoch']:3d}  train_loss {record['train_loss']:.4f}  "
+        f"test_loss {record['test_loss']:.4f}  "
+        f"test_acc {record['test_accuracy']:.4f}  "
+        f"{record['samples_per_s']:,.0f} samples/s  ({record['epoch_time_s']:.2f} s)")
+    if "bubble" in record:
+        log("          stage busy/idle s: " + "  ".join(
+            f"{b:.2f}/{i:.2f}" for b, i in zip(record["stage_busy_s"], record["stage_idle_s"],
+                                              strict=True))
+            + f"  bubble {record['bubble']:.3f}")
+
+
+def _finish(run, history, log):
+    """After the last epoch: the weights (gathered), the timeline, the curves."""
+    out, grid, tracer = run.config.output, run.grid, run.tracer
+    rank = grid.world.Get_rank()
+    state = run.engine.state_dict() if out.save else None  # a pipeline gathers it to rank 0
+    if out.save and rank == 0:
+        save_weights(out.save, state)
+        if not out.quiet:
+            log(f"saved weights to {out.save}")
+    if tracer.enabled:  # collective: every rank's spans to rank 0
+        pp = grid.pp
+        tracer.write(out.trace, grid.world,
+                     label=lambda r: f"rank {r} (dp {r // pp}, stage {r % pp})")
+        if rank == 0 and not out.quiet:
+            log(f"wrote timeline {out.trace} (open in https://ui.perfetto.dev)")
+    if out.plot and rank == 0:
+        from .plots import plot_metrics, read_metrics
+
+        records = read_metrics(out.metrics) if out.metrics else history
+        if records:  # (a run resumed after its last epoch trained nothing)
+            plot_metrics(records, out.plot)
+            if not out.quiet:
+                log(f"wrote curves {out.plot}")
+
+
+def _progress(items, enabled, desc):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, mininterval=0.5, file=sys.stderr)

@@ -47,11 +47,17 @@ def oversubscription_warning(cores, ranks, threads):
             f"{ranks * threads} threads on {cores} cores; expect a large slowdown ({fix})")
 
 
-def configure_threads(comm=None, threads=None):
+def configure_threads(comm=None, threads=None, *, torch=False):
     """Limit BLAS (threadpoolctl) and numba to ``threads`` (default: this rank's
-    share of the node's cores). Returns (threads, warning or None)."""
+    share of the node's cores); with ``torch=True`` also PyTorch's intra-op pool
+    (imported first, so its OpenMP runtime is limited too), for a side-by-side
+    at the same thread count. Returns (threads, warning or None)."""
     cores, ranks = available_cores(), ranks_on_node(comm)
     n = threads if threads else threads_per_rank(cores, ranks)
+    if torch:
+        import torch as _torch
+
+        _torch.set_num_threads(n)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=n)

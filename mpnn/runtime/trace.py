@@ -68,10 +68,10 @@ class NullTracer:
     def add(self, name, t0_ns, t1_ns, **args):
         pass
 
-    def start(self, comm=None):
+    def start(self, comm):
         pass
 
-    def write(self, path, comm=None, label=None):
+    def write(self, path, comm, label=None):
         pass
 
 
@@ -95,20 +95,20 @@ class Tracer:
         """Record a span measured elsewhere (``perf_counter_ns`` values)."""
         self.events.append((name, t0_ns, t1_ns, args))
 
-    def start(self, comm=None):
+    def start(self, comm):
         """Align the ranks' clocks: time 0 is when this rank leaves a barrier."""
-        if comm is not None and comm.Get_size() > 1:
+        if comm.Get_size() > 1:
             comm.Barrier()
         self.origin = _now()
         self.events.clear()
 
-    def write(self, path, comm=None, label=None):
+    def write(self, path, comm, label=None):
         """Collective: gather every rank's spans to rank 0, which writes ``path``.
 
         label(rank) names a rank's row (default ``rank r``)."""
-        rank = comm.Get_rank() if comm is not None else 0
+        rank = comm.Get_rank()
         mine = (rank, self.origin, self.events, label(rank) if label else f"rank {rank}")
-        every = comm.gather(mine, root=0) if comm is not None and comm.Get_size() > 1 else [mine]
+        every = comm.gather(mine, root=0) if comm.Get_size() > 1 else [mine]
         if rank != 0:
             return
         from .files import atomic_write

@@ -1,0 +1,149 @@
+"""Everything before the first training step, as one named object.
+
+``setup(config, comm)`` builds, in order: the process grid over ``comm`` (a
+serial run is a world of one), each rank's thread pools, the data (rank 0
+first), the model (this rank's layers, from the seed or ``--init``), the
+resume point, a warm-up that compiles every kernel, the tracer and the
+engine. Every step may raise; ``mpnn.train`` runs it inside the agreed-failure
+protocol (``runtime.agree``) so that one rank's failure ends every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import load_dataset
+from ..kernels import get_ops
+from ..nn.model import MLP, Context
+from ..nn.optim import make_optimizer
+from ..parallel.data_parallel import DataParallelEngine
+from ..parallel.grid import GridError, make_grid
+from ..parallel.partition import partition_layers
+from ..parallel.pipeline import PipelineEngine
+from .checkpoint import load_resume
+from .config import ConfigError, resolve_backend
+from .threads import configure_threads
+from .trace import NULL_TRACER, make_tracer
+from .weights import load_weights
+
+
+@dataclass
+class Setup:
+    """What ``setup`` built; the training loop runs on it."""
+
+    config: object  # the RunConfig
+    grid: object  # parallel.grid.Grid: world, dp x pp, sub-communicators
+    data: object  # data.Dataset (host arrays)
+    model: object  # nn.model.MLP of this rank's layers
+    engine: object  # a parallel.engine.Engine
+    tracer: object
+    resume: object = None  # checkpoint.Resume, or None for a new run
+    threads: int = 1
+    thread_warning: str | None = None
+
+
+def setup(config, comm):
+    """Build the run of ``config`` over the ranks of ``comm`` (``MPI.COMM_WORLD``,
+    of size 1 for a serial run). Collective over ``comm``."""
+    par = config.parallel
+    try:
+        grid = make_grid(comm, dp=par.dp, pp=par.pp)
+    except GridError as e:
+        raise ConfigError(str(e)) from None
+    threads, warning = configure_threads(comm, par.threads)
+    dtype = np.dtype(config.model.dtype)
+    data = load_data(config, comm, dtype)
+    ops = get_ops(resolve_backend(config.model.backend))
+    sizes = [data.n_features, *config.model.hidden, data.num_classes]
+    stages = partition_layers(sizes, grid.pp, par.partition) if grid.pp > 1 else None
+    layers = stages[grid.pp_rank] if stages else None  # a stage holds only its layers
+    model = MLP(sizes, config.model.activation, dtype, config.seed, layers=layers, ops=ops)
+    init = config.model.init
+    if init:
+        model.load_state_dict(load_weights(init), source=f"--init {init}")
+    resume = load_resume(config, model)  # every rank checks the file, loads its layers
+    warm_up(model, config, data)
+    tracer = make_tracer(config.output.trace)
+    engine = make_engine(config, grid, model, stages, tracer)
+    return Setup(config, grid, data, model, engine, tracer, resume, threads, warning)
+
+
+def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
+    """A data-parallel replica of the whole model, or this rank's pipeline stage."""
+    par, loss = config.parallel, config.model.loss
+    if grid.pp == 1:
+        return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer)
+    return PipelineEngine(model, loss, grid, par.schedule, par.micro_batches, stages, tracer)
+
+
+def load_data(config, comm, dtype):
+    """Rank 0 loads (and downloads if needed) first; the others then read the
+    files it found or fetched, so a shared cache is downloaded into once. A
+    rank that does not see rank 0's files (a node with its own home
+    directory) downloads them itself: downloads are atomic, so ranks of one
+    node fetching the same file at once still leave one whole file."""
+    rank = comm.Get_rank()
+    d = config.data
+
+    def load():
+        return load_dataset(d.dataset, data_dir=d.data_dir, dtype=dtype, download=True,
+                            progress=not config.output.quiet and rank == 0)
+
+    if comm.Get_size() == 1:
+        return load()
+    data, error = None, None
+    if rank == 0:
+        try:
+            data = load()
+        except Exception as e:  # noqa: BLE001 - re-raised below after telling the others
+            error = e
+        failed = comm.bcast(error is not None, root=0)
+    else:  # Ctrl-C reaches every rank: let rank 0 remove its partial download, then abort
+        with _sigint_ignored():
+            failed = comm.bcast(None, root=0)
+    if failed:
+        if rank == 0:
+            raise error
+        raise SystemExit(2)  # rank 0 reports the problem for everyone
+    return data if rank == 0 else load()
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored inside the block (main thread only; elsewhere unchanged)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def warm_up(model, config, data):
+    """Compile (or load from numba's cache) every kernel the run will call, so
+    the first epoch's time and samples/s measure training, not compilation.
+
+    One step of a throwaway 3-layer model with the run's ops, dtype,
+    activation, loss and optimizer: the same kernels on arrays of the same
+    types. Rank-local, and the run's own model and data are not touched."""
+    ops, m, o = model.ops, config.model, config.optim
+    tiny = MLP([data.n_features, 2, 2, data.num_classes], m.activation, model.dtype, 0, ops=ops)
+    x = ops.to_device(data.x_train[:2])  # (2, I), as the trainer's gathered rows
+    y = ops.to_device(data.y_train[:2])
+    ctx = Context()
+    logits = tiny.forward(x, ctx)  # (2, C)
+    dlogits = ops.xp.empty_like(logits)
+    ops.loss(m.loss, logits, y, 0.5, dlogits)
+    tiny.backward(dlogits, ctx, need_input_grad=True)
+    ops.predict_stats(tiny.forward(x, ctx), y, m.loss)
+    make_optimizer(o.optimizer, tiny.flat, ops, 1e-3, o.momentum, o.nesterov,
+                   o.weight_decay).step(1e-3)
+    ops.synchronize()
