@@ -25,17 +25,18 @@ from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 
 class GradientSync:
-    """Sums a flat gradient buffer over ``comm`` (None or size 1: no-op)."""
+    """Sums a flat gradient buffer over ``comm`` (one rank: a no-op)."""
 
     def __init__(self, comm, grad, ops=None):
-        self.comm = comm if comm is not None and comm.Get_size() > 1 else None
+        self.comm = comm
+        self.active = comm.Get_size() > 1
         self.grad = grad
         self.ops = ops
         self._host = None  # host copy of a device buffer MPI cannot read
 
     def allreduce(self):
         """grad ← Σ_replicas grad, in place (blocking)."""
-        if self.comm is None:
+        if not self.active:
             return
         from mpi4py import MPI
 
@@ -87,7 +88,8 @@ class BucketedGradientSync:
     def __init__(self, comm, grad, layout, bucket_mb=2.0, ops=None):
         if bucket_mb <= 0:
             raise ValueError(f"--bucket-mb must be positive, got {bucket_mb}")
-        self.comm = comm if comm is not None and comm.Get_size() > 1 else None
+        self.comm = comm
+        self.active = comm.Get_size() > 1
         self.grad = grad
         self.ops = ops
         self.buckets = make_buckets(layout, grad.dtype.itemsize, bucket_mb)
@@ -96,7 +98,7 @@ class BucketedGradientSync:
         self._requests = [None] * len(self.buckets)
         self._host = None
         self._device = False
-        if self.comm is not None:
+        if self.active:
             self._device = not isinstance(grad, np.ndarray)
             if needs_host_staging(grad):
                 self._host = np.empty(grad.shape, dtype=grad.dtype)
@@ -105,7 +107,7 @@ class BucketedGradientSync:
 
     def on_layer_done(self, layer):
         """Called by ``MLP.backward`` when ``layer``'s gradients are final."""
-        if self.comm is None:
+        if not self.active:
             return
         k = self._bucket_of_layer.get(layer)
         if k is not None and self._requests[k] is None:
@@ -114,7 +116,7 @@ class BucketedGradientSync:
 
     def wait(self):
         """Start the buckets not started yet, then complete every request."""
-        if self.comm is None:
+        if not self.active:
             return
         from mpi4py import MPI
 
