@@ -22,3 +22,10 @@ def test_ci_runs_the_readme_test_command():
     _, test = quickstart_commands()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in ci, "the README's test command must appear verbatim in .ci/run"
+
+
+def test_ci_lints_before_testing():
+    _, test = quickstart_commands()
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    lint = [n for n, line in enumerate(ci) if "ruff check mpnn tests mpi_examples" in line]
+    assert lint and lint[0] < ci.index(test)
