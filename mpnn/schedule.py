@@ -3,11 +3,12 @@
     python -m mpnn.schedule --pp 4 --micro-batches 8 --schedule 1f1b
     python -m mpnn.schedule --pp 4 --micro-batches 8 --schedule gpipe --plot gpipe.png
 
-Dry-runs the schedule with the simulator of ``mpnn.parallel.schedules`` (unit
-cost per forward and per backward, free communication) and prints every
-stage's action list, the stage x slot grid, the simulated bubble next to the
-formula ``(p-1)/(m+p-1)`` and the peak number of micro-batches whose
-activations are alive on each stage. No MPI is involved.
+Builds the schedule with ``mpnn.parallel.pipeline_ir``, dry-runs it with
+``mpnn.parallel.simulator`` (unit cost per forward and per backward, free
+communication) and prints every stage's action list, the stage x slot grid,
+the simulated bubble next to the formula ``(p-1)/(m+p-1)`` and the peak
+number of micro-batches whose activations are alive on each stage. No MPI is
+involved.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .parallel.schedules import (SCHEDULES, Backward, analytic_bubble, format_actions, make_schedule,
-                                 simulate, timeline)
+from .parallel.pipeline_ir import SCHEDULES, Kind, analytic_bubble, format_actions, make_schedule
+from .parallel.simulator import simulate, timeline
 
 
 def parse_args(argv=None):
@@ -62,8 +63,8 @@ def plot(result, title, path):
         for t, a in enumerate(row):
             if a is None:
                 continue
-            kind = str(a)[0]
-            ax.broken_barh([(t, 1)], (s - 0.4, 0.8), facecolors=colors[kind], edgecolor="white")
+            ax.broken_barh([(t, 1)], (s - 0.4, 0.8), facecolors=colors[a.kind.value],
+                           edgecolor="white")
             ax.text(t + 0.5, s, str(a.mb), ha="center", va="center", fontsize=7, color="white")
     ax.set_ylim(result.p - 0.5, -0.5)
     ax.set_xlim(0, result.slots)
@@ -84,7 +85,7 @@ def main(argv=None):
     p, m = args.pp, args.micro_batches
     if args.plot:  # a bad image path is refused before any output
         from .runtime.files import check_output_file
-        from .plot import image_format
+        from .runtime.plots import image_format
 
         try:
             check_output_file("--plot", args.plot)
@@ -112,7 +113,7 @@ def main(argv=None):
           + ", ".join(f"stage {s}: {k}" for s, k in enumerate(result.peak_live)))
     if args.stage_costs:
         costs = args.stage_costs
-        tl = timeline(schedule, lambda s, a: costs[s][isinstance(a, Backward)])
+        tl = timeline(schedule, lambda s, a: costs[s][a.kind is Kind.BACKWARD])
         print(f"with stage costs F:B {', '.join(f'{f:g}:{b:g}' for f, b in costs)}: "
               f"makespan {tl.makespan:.4g}, bubble {tl.bubble:.4f}")
     if args.plot:

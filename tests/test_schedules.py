@@ -1,13 +1,51 @@
-"""Pipeline schedules checked by the dry-run simulator (no MPI)."""
+"""Pipeline schedules: the IR, the communication pass, the tags, the dry-run simulator (no MPI)."""
 
 import pytest
 
-from mpnn.parallel.schedules import (SCHEDULES, Backward, Forward, RecvAct, RecvGrad, ScheduleError,
-                                     SendAct, SendGrad, Step, analytic_bubble, format_actions,
-                                     gpipe, make_schedule, naive, one_f_one_b, parse_actions,
-                                     simulate, timeline)
+from mpnn.parallel.pipeline_ir import (COMPUTE, RECEIVES, SCHEDULES, SENDS, STEP, Action, Kind,
+                                       ScheduleError, add_communication, analytic_bubble,
+                                       compute_order, format_actions, make_schedule, parse_actions,
+                                       peer)
+from mpnn.parallel.simulator import simulate, timeline
+from mpnn.parallel.tags import EVAL_TAG, MAX_MICRO_BATCHES, message_tag
 
 GRID = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
+
+
+def Forward(mb):
+    return Action(Kind.FORWARD, mb)
+
+
+def Backward(mb):
+    return Action(Kind.BACKWARD, mb)
+
+
+def SendAct(mb):
+    return Action(Kind.SEND_ACT, mb)
+
+
+def RecvAct(mb):
+    return Action(Kind.RECV_ACT, mb)
+
+
+def SendGrad(mb):
+    return Action(Kind.SEND_GRAD, mb)
+
+
+def RecvGrad(mb):
+    return Action(Kind.RECV_GRAD, mb)
+
+
+def naive(p, m):
+    return make_schedule("naive", p, m)
+
+
+def gpipe(p, m):
+    return make_schedule("gpipe", p, m)
+
+
+def one_f_one_b(p, m):
+    return make_schedule("1f1b", p, m)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULES))
@@ -19,9 +57,9 @@ def test_every_schedule_runs_to_completion(name, p, m):
     assert res.ok, res.render()
     assert res.busy == [2 * m] * p  # one forward and one backward per micro-batch per stage
     for acts in sched:
-        assert acts[-1] == Step()
-        assert sorted(a.mb for a in acts if isinstance(a, Forward)) == list(range(m))
-        assert sorted(a.mb for a in acts if isinstance(a, Backward)) == list(range(m))
+        assert acts[-1] == STEP
+        assert sorted(a.mb for a in acts if a.kind is Kind.FORWARD) == list(range(m))
+        assert sorted(a.mb for a in acts if a.kind is Kind.BACKWARD) == list(range(m))
 
 
 @pytest.mark.parametrize("p,m", GRID)
@@ -51,7 +89,7 @@ def test_printed_form_round_trips():
     text = format_actions(acts)
     assert text.startswith("RA0 F0 SA0 RA1 F1 SA1 RG0 B0 SG0")
     assert parse_actions(text) == acts
-    assert str(Step()) == "STEP"
+    assert str(STEP) == "STEP" and str(SendGrad(3)) == "SG3" and repr(RecvAct(3)) == "RA3"
     with pytest.raises(ValueError, match="cannot parse"):
         parse_actions("X3")
 
@@ -101,13 +139,23 @@ def test_late_deadlock_in_1f1b_reported_mid_schedule():
 
 
 def test_malformed_schedules_raise():
-    bad = [[Forward(0), SendAct(0), Backward(0), Step()],  # backward without gradient
-           [RecvAct(0), Forward(0), Backward(0), SendGrad(0), Step()]]
+    bad = [[Forward(0), SendAct(0), Backward(0), STEP],  # backward without gradient
+           [RecvAct(0), Forward(0), Backward(0), SendGrad(0), STEP]]
     with pytest.raises(ScheduleError, match="before its gradient was received"):
         simulate(bad)
-    unmatched = [[Forward(0), SendAct(0), SendAct(0), Backward(0), Step()], [Step()]]
+    unmatched = [[Forward(0), SendAct(0), SendAct(0), Backward(0), STEP], [STEP]]
     with pytest.raises(ScheduleError):
         simulate(unmatched)
+    # stage 0 stops before its backward: the gradient sent to it is never received
+    with pytest.raises(ScheduleError, match="stage 1 sends grad of micro-batch 0 to stage 0, "
+                                            "which never receives it"):
+        simulate([parse_actions("F0 SA0"), parse_actions("RA0 F0 B0 SG0 STEP")])
+    with pytest.raises(ScheduleError, match="last stage has no next stage"):
+        simulate([parse_actions("F0 SA0 B0 STEP")])
+    with pytest.raises(ScheduleError, match="first stage has no previous stage to receive"):
+        simulate([parse_actions("RA0 F0 B0 STEP")])
+    with pytest.raises(ScheduleError, match="before its forward"):
+        simulate([parse_actions("SA0 F0 B0 STEP"), parse_actions("RA0 F0 B0 SG0 STEP")])
     with pytest.raises(ValueError, match="unknown schedule"):
         make_schedule("zigzag", 2, 2)
 
@@ -136,12 +184,12 @@ def test_timeline_with_unit_cost_agrees_with_simulator(name, p, m):
 def test_timeline_with_uneven_costs():
     # backward twice the forward: GPipe/1F1B bubble is still (p-1)/(m+p-1) ...
     for fn in (gpipe, one_f_one_b):
-        tl = timeline(fn(4, 8), lambda s, a: 2.0 if isinstance(a, Backward) else 1.0)
+        tl = timeline(fn(4, 8), lambda s, a: 2.0 if a.kind is Kind.BACKWARD else 1.0)
         assert tl.bubble == pytest.approx(analytic_bubble(4, 8))
         assert tl.makespan == pytest.approx(3 * (8 + 4 - 1))
     # ... but a slow stage sets the pace: stage 1 twice as slow as stage 0 (p=2, m=4):
     # F: 1,1,1,1 | 2,2,2,2 -> B side the same doubled; makespan = 1 + 4*2 + 4*4 + 2 = 27
-    tl = timeline(gpipe(2, 4), lambda s, a: (1 + s) * (2 if isinstance(a, Backward) else 1))
+    tl = timeline(gpipe(2, 4), lambda s, a: (1 + s) * (2 if a.kind is Kind.BACKWARD else 1))
     assert tl.makespan == pytest.approx(27)
     assert tl.busy == [12, 24]
     assert tl.bubble == pytest.approx(1 - 36 / 54)
@@ -167,3 +215,101 @@ def test_cli_stage_costs(capsys):
     assert out["1f1b"] == pytest.approx(0.1187, abs=1e-3)
     with pytest.raises(SystemExit):
         main(["--pp", "2", "--stage-costs", "1"])
+
+
+# ------------------------------------------------- the communication pass and tags
+
+
+def _hand_inserted(name, p, m):
+    """The schedules as 527ca80 built them: each schedule inserting its own messages."""
+    def fwd(s, mb):
+        return ([f"RA{mb}"] if s > 0 else []) + [f"F{mb}"] + ([f"SA{mb}"] if s < p - 1 else [])
+
+    def bwd(s, mb):
+        return ([f"RG{mb}"] if s < p - 1 else []) + [f"B{mb}"] + ([f"SG{mb}"] if s > 0 else [])
+
+    stages = []
+    for s in range(p):
+        if name == "naive":
+            acts = [a for mb in range(m) for a in fwd(s, mb) + bwd(s, mb)]
+        elif name == "gpipe":
+            acts = [a for mb in range(m) for a in fwd(s, mb)] + \
+                   [a for mb in range(m) for a in bwd(s, mb)]
+        else:
+            w = min(p - s - 1, m)
+            acts = [a for mb in range(w) for a in fwd(s, mb)]
+            for k in range(m - w):
+                acts += fwd(s, w + k) + bwd(s, k)
+            acts += [a for mb in range(m - w, m) for a in bwd(s, mb)]
+        stages.append(" ".join(acts + ["STEP"]))
+    return stages
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("p,m", GRID + [(5, 3), (6, 8)])
+def test_pass_reproduces_the_hand_inserted_schedules(name, p, m):
+    assert [format_actions(acts) for acts in make_schedule(name, p, m)] == _hand_inserted(name, p, m)
+
+
+def test_pass_on_known_lists():
+    assert [format_actions(a) for a in add_communication(compute_order("gpipe", 3, 2))] == [
+        "F0 SA0 F1 SA1 RG0 B0 RG1 B1",
+        "RA0 F0 SA0 RA1 F1 SA1 RG0 B0 SG0 RG1 B1 SG1",
+        "RA0 F0 RA1 F1 B0 SG0 B1 SG1"]
+    assert format_actions(make_schedule("1f1b", 4, 8)[2]) == (
+        "RA0 F0 SA0 RA1 F1 SA1 RG0 B0 SG0 RA2 F2 SA2 RG1 B1 SG1 RA3 F3 SA3 RG2 B2 SG2 "
+        "RA4 F4 SA4 RG3 B3 SG3 RA5 F5 SA5 RG4 B4 SG4 RA6 F6 SA6 RG5 B5 SG5 RA7 F7 SA7 "
+        "RG6 B6 SG6 RG7 B7 SG7 STEP")
+    assert add_communication([parse_actions("F0 B0")]) == [parse_actions("F0 B0")]  # p = 1
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("p,m", GRID)
+def test_schedule_is_compute_order_plus_messages(name, p, m):
+    order = compute_order(name, p, m)
+    assert all(a.kind in COMPUTE for acts in order for a in acts)
+    full = make_schedule(name, p, m)
+    for s in range(p):
+        assert [a for a in full[s] if a.kind in COMPUTE] == order[s]
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+@pytest.mark.parametrize("p,m", GRID)
+def test_every_send_has_one_receive_with_its_tag(name, p, m):
+    sends, receives = [], []
+    for s, acts in enumerate(make_schedule(name, p, m)):
+        for a in acts:
+            if a.kind in SENDS:
+                sends.append((s, peer(a.kind, s), message_tag(a.kind, a.mb)))
+            elif a.kind in RECEIVES:
+                receives.append((peer(a.kind, s), s, message_tag(a.kind, a.mb)))
+    assert all(0 <= src < p and 0 <= dst < p and abs(src - dst) == 1 for src, dst, _ in sends)
+    assert len(set(sends)) == len(sends) == 2 * m * (p - 1)  # each message named once
+    assert sorted(sends) == sorted(receives)
+
+
+def test_pass_refuses_messages_in_a_compute_order():
+    with pytest.raises(ScheduleError, match="adds the messages itself"):
+        add_communication([parse_actions("F0 SA0 B0"), parse_actions("RA0 F0 B0")])
+
+
+def test_peer():
+    assert peer(Kind.SEND_ACT, 1) == 2 and peer(Kind.RECV_ACT, 1) == 0
+    assert peer(Kind.SEND_GRAD, 1) == 0 and peer(Kind.RECV_GRAD, 1) == 2
+
+
+def test_tags():
+    for k in (0, 1, 7, MAX_MICRO_BATCHES - 1):
+        assert message_tag(Kind.SEND_ACT, k) == message_tag(Kind.RECV_ACT, k) == 2 * k
+        assert message_tag(Kind.SEND_GRAD, k) == message_tag(Kind.RECV_GRAD, k) == 2 * k + 1
+    every = {message_tag(kind, k) for kind in SENDS for k in range(MAX_MICRO_BATCHES)}
+    assert len(every) == 2 * MAX_MICRO_BATCHES and max(every) < EVAL_TAG <= 32767
+
+
+def test_micro_batches_beyond_the_tags_are_refused():
+    from mpnn.parallel.pipeline import PipelineConfigError, check_pipeline_config
+
+    n = MAX_MICRO_BATCHES + 1
+    with pytest.raises(PipelineConfigError, match="the message tags can number"):
+        check_pipeline_config(2, None, 2, 4, 2 * n, n)
+    assert check_pipeline_config(2, None, 2, 4, 2 * n, n - 1) == (1, 2)

@@ -5,23 +5,25 @@ Each rank of a pipeline holds a contiguous range of the MLP's layers (a stage
 weights). A training step cuts this replica's rows of the global batch into
 ``m`` micro-batches (as even as possible, the first ``rows % m`` one row
 larger; every stage computes the same split, so a receiver always knows how
-many rows arrive) and runs the stage's action list from ``schedules.py``
-through a dispatch table::
+many rows arrive) and runs the stage's action list (``make_schedule`` of
+``pipeline_ir.py``: the schedule's compute order with the messages added)
+through a dispatch table keyed by the action's kind::
 
-    RecvAct k   wait for micro-batch k's input         (Irecv posted at step start)
-    Forward k   h_out = stage(h_in); the last stage computes the loss and
-                dL/dlogits · 1/global_batch right away (the only place the
-                batch mean enters: ``scale`` from the caller)
-    SendAct k   Isend h_out to the next stage           (buffer kept until done)
-    RecvGrad k  wait for dL/dh_out of micro-batch k
-    Backward k  accumulate this stage's parameter gradients, dL/dh_in
-    SendGrad k  Isend dL/dh_in to the previous stage
-    Step        all gradients are final: finish the sends, sum over replicas
+    RA k    wait for micro-batch k's input         (Irecv posted at step start)
+    F k     h_out = stage(h_in); the last stage computes the loss and
+            dL/dlogits · 1/global_batch right away (the only place the
+            batch mean enters: ``scale`` from the caller)
+    SA k    Isend h_out to the next stage           (buffer kept until done)
+    RG k    wait for dL/dh_out of micro-batch k
+    B k     accumulate this stage's parameter gradients, dL/dh_in
+    SG k    Isend dL/dh_in to the previous stage
+    STEP    all gradients are final: finish the sends, sum over replicas
 
-Messages travel on the pipeline communicator with tag ``2k`` (activations)
-and ``2k + 1`` (gradients), so every receive names exactly the message it
-wants. Only uppercase, buffer-based mpi4py calls; every receive buffer is
-preallocated from the layer sizes and the micro-batch rows.
+Every message travels on the pipeline communicator to or from the stage
+``pipeline_ir.peer`` names, with the tag of ``tags.message_tag``, so every
+receive names exactly the message it wants. Only uppercase, buffer-based
+mpi4py calls; every receive buffer is preallocated from the layer sizes and
+the micro-batch rows.
 
 On a GPU (CuPy arrays) with an MPI library that cannot read device memory
 (the PyPI ``mpich`` wheel, for one), messages are *staged on the host*: a
@@ -46,18 +48,16 @@ from ..nn.model import Context
 from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
+from .gather import gather_whole
 from .grid import GridError, grid_shape
-from .partition import PartitionError, check_stages, parse_partition
-from .schedules import (Backward, Forward, RecvAct, RecvGrad, SendAct, SendGrad, Step,
-                        make_schedule, simulate)
+from .partition import PartitionError, check_stages, format_partition, parse_partition
+from .pipeline_ir import RECEIVES, Kind, make_schedule, peer
+from .simulator import simulate
 from .staging import copy_from_host, copy_to_host, needs_host_staging
+from .tags import EVAL_TAG, MAX_MICRO_BATCHES, message_tag
 
-# Message tags: micro-batch k of a training step sends activations with tag 2k and
-# gradients with 2k+1; evaluation and the state gather use the two tags above them
-# all. Every MPI library accepts tags up to 32767 (MPI_TAG_UB is at least that).
-MAX_MICRO_BATCHES = 16383
-EVAL_TAG = 2 * MAX_MICRO_BATCHES
-STATE_TAG = EVAL_TAG + 1
+# the receive buffers a message kind lands in
+_INBOX = {Kind.RECV_ACT: "act", Kind.RECV_GRAD: "grad"}
 
 
 class PipelineConfigError(ValueError):
@@ -113,9 +113,10 @@ class PipelineEngine:
 
     model       the stage's ``MLP(..., layers=stages[pp_rank])``
     loss        loss name (the last stage computes it)
-    grid        the process grid (pp_comm: the pipeline; dp_comm: the same stage's replicas)
+    grid        the process grid (pp_comm: the pipeline; dp_comm: the same stage's
+                replicas; world: every rank, for the per-epoch stage times)
     schedule    naive | gpipe | 1f1b
-    stages      layer range of every stage (rank 0 needs them to gather the model)
+    stages      layer range of every stage (for ``describe``)
     tracer      records forward/backward/recv/send-wait/allreduce spans for --trace
     host_staging  send/receive through host buffers (default: when the
                 arrays live on a GPU and MPI is not CUDA-aware)
@@ -125,9 +126,10 @@ class PipelineEngine:
                  tracer=NULL_TRACER, host_staging=None):
         self.model, self.loss, self.ops = model, loss, model.ops
         self.tracer = tracer
-        self.comm = grid.pp_comm
+        self.grid, self.comm, self.world = grid, grid.pp_comm, grid.world
         self.dp_rank = grid.dp_rank
         self.stage, self.p, self.m = grid.pp_rank, grid.pp, int(micro_batches)
+        self.schedule = schedule
         self.stages = list(stages) if stages is not None else None
         self.is_first, self.is_last = self.stage == 0, self.stage == self.p - 1
         self.needs_inputs = self.is_first  # only the first stage reads the batch's features
@@ -136,9 +138,10 @@ class PipelineEngine:
         self.actions = plan[self.stage]
         self.expected_peak_live = sim.peak_live[self.stage]
         self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
-        self.dispatch = {Forward: self._forward, Backward: self._backward,
-                         SendAct: self._send_act, RecvAct: self._recv_act,
-                         SendGrad: self._send_grad, RecvGrad: self._recv_grad, Step: self._step}
+        self.dispatch = {Kind.FORWARD: self._forward, Kind.BACKWARD: self._backward,
+                         Kind.SEND_ACT: self._send_act, Kind.RECV_ACT: self._receive,
+                         Kind.SEND_GRAD: self._send_grad, Kind.RECV_GRAD: self._receive,
+                         Kind.STEP: self._step}
         xp, dt = self.ops.xp, model.dtype
         I, O = model.in_features, model.out_features
         # per micro-batch receive buffers (rows grow on demand): inputs and dL/d(outputs)
@@ -177,7 +180,7 @@ class PipelineEngine:
         self.peak_live = 0
         self._post_receives()
         for action in self.actions:
-            self.dispatch[type(action)](action)
+            self.dispatch[action.kind](action)
         assert not self._live and not self._recv, "schedule left work behind"
         assert self.peak_live == self.expected_peak_live, \
             f"stage {self.stage}: {self.peak_live} live micro-batches, simulator says {self.expected_peak_live}"
@@ -195,22 +198,19 @@ class PipelineEngine:
 
     def _post_receives(self):
         """Post every receive of the step up front into its preallocated buffer
-        (the host buffer when staging; ``_recv_act``/``_recv_grad`` copy it over)."""
+        (the host buffer when staging; ``_receive`` copies it over)."""
         for a in self.actions:
-            if isinstance(a, RecvAct):
-                kind, peer, tag = "act", self.stage - 1, 2 * a.mb
-            elif isinstance(a, RecvGrad):
-                kind, peer, tag = "grad", self.stage + 1, 2 * a.mb + 1
-            else:
+            if a.kind not in RECEIVES:
                 continue
-            rows = self._rows(a.mb)
+            kind, rows = _INBOX[a.kind], self._rows(a.mb)
             buf = self._buffer(self._inbox[kind], a.mb, rows)
             if self.host_staging:
                 buf = self._buffer(self._inbox_host[kind], a.mb, rows, np)
-            self._recv[kind, a.mb] = self.comm.Irecv(buf, source=peer, tag=tag)
+            self._recv[kind, a.mb] = self.comm.Irecv(buf, source=peer(a.kind, self.stage),
+                                                     tag=message_tag(a.kind, a.mb))
 
     def _isend(self, mb, kind, rows, dest, tag):
-        """Isend ``rows`` (B, F) for micro-batch ``mb``; the request joins
+        """Isend ``rows`` (B, F) held by ``mb`` (a _MicroBatch); the request joins
         ``mb.requests`` (and the staged host copy stays in ``mb.host``)."""
         self.ops.synchronize()  # the kernels writing rows must have finished
         if self.host_staging:
@@ -236,15 +236,11 @@ class PipelineEngine:
 
     # ---------------------------------------------------- the dispatch table
 
-    def _recv_act(self, a):
-        with self.tracer.span("recv act", mb=a.mb):
-            self._wait([self._recv.pop(("act", a.mb))])
-        self._landed("act", a.mb)
-
-    def _recv_grad(self, a):
-        with self.tracer.span("recv grad", mb=a.mb):
-            self._wait([self._recv.pop(("grad", a.mb))])
-        self._landed("grad", a.mb)
+    def _receive(self, a):
+        kind = _INBOX[a.kind]
+        with self.tracer.span(f"recv {kind}", mb=a.mb):
+            self._wait([self._recv.pop((kind, a.mb))])
+        self._landed(kind, a.mb)
 
     def _forward(self, a):
         k = a.mb
@@ -268,7 +264,7 @@ class PipelineEngine:
     def _send_act(self, a):
         mb = self._live[a.mb]
         out = mb.ctx.outputs[self.model.layers.stop - 1]  # (B, O), read by Backward too
-        self._isend(mb, "act", out, self.stage + 1, 2 * a.mb)
+        self._isend(mb, "act", out, peer(a.kind, self.stage), message_tag(a.kind, a.mb))
 
     def _backward(self, a):
         k = a.mb
@@ -290,7 +286,7 @@ class PipelineEngine:
         start = self.model.layers.start
         dh = mb.ctx.grads[start][:rows] if rows else \
             self.ops.xp.empty((0, self.model.in_features), self.model.dtype)  # (B, I)
-        self._isend(mb, "grad", dh, self.stage - 1, 2 * a.mb + 1)
+        self._isend(mb, "grad", dh, peer(a.kind, self.stage), message_tag(a.kind, a.mb))
         self._free.append(mb)  # reused only after its requests complete (see _forward)
 
     def _step(self, a):
@@ -347,26 +343,35 @@ class PipelineEngine:
     def state_dict(self):
         """The whole model's named tensors on the replica-0 first stage ({} elsewhere).
 
-        Collective over the pipeline of replica 0: every later stage Sends its
-        flat parameter buffer; the first stage knows each stage's layer range,
-        so it rebuilds the layout and receives into an array of the right size.
+        Collective over the pipeline of replica 0 (``gather_whole``): the
+        stages' flat parameter buffers, concatenated in stage order, are the
+        whole model's flat buffer; its layout names the tensors.
         """
-        if self.dp_rank != 0:
+        self.ops.synchronize()
+        flat = np.ascontiguousarray(self.ops.to_host(self.model.flat.data))  # (n_s,)
+        whole = gather_whole(self.grid, {"params": flat})
+        if whole is None:
             return {}
-        if not self.is_first:
-            self.ops.synchronize()
-            data = np.ascontiguousarray(self.ops.to_host(self.model.flat.data))
-            self.comm.Send(data, dest=0, tag=STATE_TAG)
-            return {}
-        state = self.model.state_dict()
-        for s in range(1, self.p):
-            layout = Layout(self.model.sizes, self.stages[s])
-            buf = np.empty(layout.numel, dtype=self.model.dtype)
-            self.comm.Recv(buf, source=s, tag=STATE_TAG)
-            state.update({name: v.copy() for name, v in layout.views(buf).items()})
-        return state
+        views = Layout(self.model.sizes).views(whole["params"])
+        return {name: v.copy() for name, v in views.items()}
+
+    def activations(self):
+        """Not kept per micro-batch yet: the non-finite guard names no layer."""
+        return None
+
+    def describe(self):
+        """The start-up line: grid, schedule, micro-batches, layers per stage."""
+        line = (f"pipeline dp {self.grid.dp} x pp {self.p}, {self.schedule} schedule, "
+                f"{self.m} micro-batch(es)")
+        if self.stages is not None:
+            line += f", layers per stage {format_partition(self.stages)}"
+        return line
 
     # -------------------------------------------------------------- metrics
+
+    def epoch_metrics(self):
+        """``stage_times`` over every rank of the grid: collective, once per epoch."""
+        return self.stage_times(self.world)
 
     def stage_times(self, world):
         """Per-stage compute / idle / gradient-sync seconds since the last call.

@@ -1,0 +1,274 @@
+"""Dry runs of a pipeline schedule: deadlocks, the stage x slot grid, the bubble.
+
+``simulate(schedule)`` executes all stages of a schedule (``make_schedule``
+of ``mpnn.parallel.pipeline_ir``: one action list per stage) in lock-step
+time slots: one slot per Forward or Backward, communication is free, a
+message sent in slot t can be received in slot t. It matches every send with
+its receive by (source, destination, tag), as MPI does, checks the data
+dependencies, and returns the stage x slot grid, idle slots, the bubble and
+the peak live micro-batches per stage, or a deadlock report (``Stall``) naming
+the stage, slot and stuck action of every stage that can never proceed.
+
+``timeline(schedule, cost)`` runs the same lists with real per-action costs
+and predicts the makespan and bubble of an unbalanced pipeline.
+
+Pure Python: no MPI, no NumPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .pipeline_ir import COMPUTE, RECEIVES, SENDS, Kind, ScheduleError, peer
+from .tags import message_tag
+
+# what the simulator says about a message that has no neighbour to go to / come from
+_NO_PEER = {Kind.SEND_ACT: "the last stage has no next stage to send activations to",
+            Kind.SEND_GRAD: "the first stage has no previous stage to send gradients to",
+            Kind.RECV_ACT: "the first stage has no previous stage to receive from",
+            Kind.RECV_GRAD: "the last stage has no next stage to receive gradients from"}
+_PAYLOAD = {Kind.SEND_ACT: "act", Kind.SEND_GRAD: "grad"}
+
+
+@dataclass
+class Stall:
+    stage: int
+    index: int  # position of the stuck action in the stage's list
+    action: object
+
+    def __str__(self):
+        return f"stage {self.stage} stuck at action #{self.index} {self.action}"
+
+
+@dataclass
+class SimResult:
+    p: int
+    m: int
+    grid: list  # grid[stage][slot] = compute action or None (idle)
+    busy: list  # compute slots per stage
+    peak_live: list  # most micro-batches with activations alive, per stage
+    deadlock: Stall | None = None  # first stuck stage (None: ran to completion)
+    stalls: list = field(default_factory=list)  # every stuck stage
+    stall_slot: int | None = None  # the slot in which nothing could proceed
+
+    @property
+    def slots(self):
+        return len(self.grid[0]) if self.grid else 0
+
+    @property
+    def idle(self):
+        """Idle slots per stage (up to the makespan)."""
+        return [self.slots - b for b in self.busy]
+
+    @property
+    def bubble(self):
+        """Idle fraction of the p x slots grid."""
+        total = self.p * self.slots
+        return sum(self.idle) / total if total else 0.0
+
+    @property
+    def ok(self):
+        return self.deadlock is None
+
+    def render(self):
+        """The stage x slot grid: ``F0 F1 B0 ...``, ``.`` idle, ``!RG0`` where it stalls."""
+        cells = [[str(a) if a is not None else "." for a in row] for row in self.grid]
+        if self.deadlock is not None:
+            for row in cells:
+                row.append(".")
+            for st in self.stalls:
+                cells[st.stage][-1] = f"!{st.action}"
+        width = max([len(c) for row in cells for c in row] + [len(str(len(cells[0]) - 1)) if cells and cells[0] else 1])
+        n = len(cells[0]) if cells else 0
+        lines = ["slot    " + " ".join(f"{t:>{width}}" for t in range(n))]
+        for s, row in enumerate(cells):
+            lines.append(f"stage {s:<2}" + " ".join(f"{c:>{width}}" for c in row))
+        if self.deadlock is not None:
+            lines.append(f"DEADLOCK at slot {self.stall_slot}: "
+                         + "; ".join(map(str, self.stalls)))
+        return "\n".join(lines)
+
+
+def simulate(schedule, raise_on_deadlock=False):
+    """Dry-run ``schedule`` (a list of per-stage action lists) in lock-step slots.
+
+    In each slot every stage first runs its free actions (sends, receives
+    whose message has been sent, STEP) until it reaches a Forward/Backward
+    or a receive whose message is not there yet; this is repeated over all
+    stages until nothing changes, so the result does not depend on the order
+    stages are visited. Then every stage at a Forward/Backward runs it (one
+    slot); the others are idle. If in some slot no stage can do anything and
+    not all are finished, the schedule is deadlocked: the result's
+    ``deadlock``/``stalls`` name each stuck stage, its action and its index
+    (``raise_on_deadlock`` raises ``ScheduleError`` with that report instead).
+
+    Malformed schedules (a Forward before its input arrived, a Backward
+    before its Forward, a send nobody receives, ...) raise ``ScheduleError``.
+    """
+    p = len(schedule)
+    m = 1 + max([a.mb for acts in schedule for a in acts if a.mb is not None], default=-1)
+    pc = [0] * p
+    mailbox = {}  # (src, dst, tag) -> the send, until it is received
+    arrived = {Kind.RECV_ACT: [set() for _ in range(p)],  # micro-batches whose input is here
+               Kind.RECV_GRAD: [set() for _ in range(p)]}  # ... whose dL/dout is here
+    fwd_done = [set() for _ in range(p)]
+    bwd_done = [set() for _ in range(p)]
+    produced = {Kind.SEND_ACT: fwd_done, Kind.SEND_GRAD: bwd_done}
+    live = [0] * p
+    peak = [0] * p
+    grid = [[] for _ in range(p)]
+    busy = [0] * p
+
+    def fail(s, msg):
+        a = schedule[s][pc[s]]
+        raise ScheduleError(f"stage {s}, action #{pc[s]} {a}: {msg}")
+
+    def try_free(s):
+        """Run stage s's next action if it is free and possible; True if it ran."""
+        if pc[s] >= len(schedule[s]):
+            return False
+        a = schedule[s][pc[s]]
+        if a.kind in SENDS:
+            dst = peer(a.kind, s)
+            if not 0 <= dst < p:
+                fail(s, _NO_PEER[a.kind])
+            if a.mb not in produced[a.kind][s]:
+                fail(s, f"sends activations of micro-batch {a.mb} before its forward"
+                     if a.kind is Kind.SEND_ACT else
+                     f"sends the input gradient of micro-batch {a.mb} before its backward")
+            mailbox[s, dst, message_tag(a.kind, a.mb)] = a
+        elif a.kind in RECEIVES:
+            src = peer(a.kind, s)
+            if not 0 <= src < p:
+                fail(s, _NO_PEER[a.kind])
+            key = (src, s, message_tag(a.kind, a.mb))
+            if key not in mailbox:
+                return False
+            del mailbox[key]
+            arrived[a.kind][s].add(a.mb)
+        elif a.kind is Kind.STEP:
+            if len(bwd_done[s]) != m or live[s]:
+                fail(s, f"Step before every micro-batch's backward ran "
+                        f"({len(bwd_done[s])} of {m})")
+        else:
+            return False  # a compute action: runs in the compute phase
+        pc[s] += 1
+        return True
+
+    def forward(s, mb):
+        if mb in fwd_done[s]:
+            fail(s, f"micro-batch {mb} runs forward twice")
+        if s > 0 and mb not in arrived[Kind.RECV_ACT][s]:
+            fail(s, f"forward of micro-batch {mb} before its activations were received")
+        fwd_done[s].add(mb)
+        live[s] += 1
+        peak[s] = max(peak[s], live[s])
+
+    def backward(s, mb):
+        if mb not in fwd_done[s] or mb in bwd_done[s]:
+            fail(s, f"backward of micro-batch {mb} without a pending forward")
+        if s < p - 1 and mb not in arrived[Kind.RECV_GRAD][s]:
+            fail(s, f"backward of micro-batch {mb} before its gradient was received")
+        bwd_done[s].add(mb)
+        live[s] -= 1
+
+    run_compute = {Kind.FORWARD: forward, Kind.BACKWARD: backward}
+
+    slot = 0
+    while True:
+        progress = True
+        while progress:  # free actions to a fixed point, over all stages
+            progress = False
+            for s in range(p):
+                while try_free(s):
+                    progress = True
+        ready = [s for s in range(p) if pc[s] < len(schedule[s])
+                 and schedule[s][pc[s]].kind in COMPUTE]
+        if not ready:
+            stuck = [Stall(s, pc[s], schedule[s][pc[s]]) for s in range(p)
+                     if pc[s] < len(schedule[s])]
+            if stuck:
+                res = SimResult(p, m, grid, busy, peak, stuck[0], stuck, slot)
+                if raise_on_deadlock:
+                    raise ScheduleError(f"deadlock at slot {slot}: "
+                                        f"{'; '.join(map(str, stuck))}\n{res.render()}")
+                return res
+            break
+        for s in range(p):
+            if s in ready:
+                a = schedule[s][pc[s]]
+                run_compute[a.kind](s, a.mb)
+                pc[s] += 1
+                grid[s].append(a)
+                busy[s] += 1
+            else:
+                grid[s].append(None)
+        slot += 1
+    if mailbox:
+        what, src, dst, mb = min((_PAYLOAD[a.kind], src, dst, a.mb)
+                                 for (src, dst, _), a in mailbox.items())
+        raise ScheduleError(f"stage {src} sends {what} of micro-batch {mb} to stage {dst}, "
+                            f"which never receives it")
+    for s in range(p):
+        missing = sorted(set(range(m)) - bwd_done[s])
+        if missing:
+            raise ScheduleError(f"stage {s} never runs the backward of micro-batch(es) {missing}")
+    return SimResult(p, m, grid, busy, peak)
+
+
+@dataclass
+class Timeline:
+    """Times of a schedule run with real (non-unit) costs; see ``timeline``."""
+
+    busy: list  # compute time per stage
+    finish: list  # when each stage runs its last action
+    starts: list  # starts[stage] = [(start, end, action), ...] of its compute actions
+
+    @property
+    def makespan(self):
+        return max(self.finish) if self.finish else 0.0
+
+    @property
+    def bubble(self):
+        p, total = len(self.busy), self.makespan
+        return 1.0 - sum(self.busy) / (p * total) if total else 0.0
+
+
+def timeline(schedule, cost):
+    """Run ``schedule`` with ``cost(stage, action)`` seconds per Forward/Backward.
+
+    Sends are free and non-blocking, a receive completes when its message was
+    sent, each stage runs its actions in order: every time is fixed by those
+    dependencies, so the stages can be advanced in any order. With unit cost
+    this gives the same bubble as ``simulate``; with measured per-stage costs
+    it predicts the bubble of an unbalanced pipeline. Raises ScheduleError if
+    the schedule deadlocks (``simulate`` gives the detailed report).
+    """
+    p = len(schedule)
+    pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    starts = [[] for _ in range(p)]
+    sent = {}  # (src, dst, tag) -> when it was sent
+    progress = True
+    while progress:
+        progress = False
+        for s in range(p):
+            while pc[s] < len(schedule[s]):
+                a = schedule[s][pc[s]]
+                if a.kind in SENDS:
+                    sent[s, peer(a.kind, s), message_tag(a.kind, a.mb)] = clock[s]
+                elif a.kind in RECEIVES:
+                    key = (peer(a.kind, s), s, message_tag(a.kind, a.mb))
+                    if key not in sent:
+                        break
+                    clock[s] = max(clock[s], sent.pop(key))
+                elif a.kind in COMPUTE:
+                    d = float(cost(s, a))
+                    starts[s].append((clock[s], clock[s] + d, a))
+                    clock[s] += d
+                    busy[s] += d
+                pc[s] += 1
+                progress = True
+    stuck = [Stall(s, pc[s], schedule[s][pc[s]]) for s in range(p) if pc[s] < len(schedule[s])]
+    if stuck:
+        raise ScheduleError("deadlock: " + "; ".join(map(str, stuck)))
+    return Timeline(busy, clock, starts)

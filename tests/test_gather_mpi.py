@@ -1,0 +1,62 @@
+"""``gather_whole``: the stages' flat arrays, concatenated in stage order, on world rank 0.
+
+    mpirun -n 4 python -m pytest --with-mpi -m mpi tests/test_gather_mpi.py
+
+The serial test (a grid of one) runs without MPI's launcher.
+"""
+
+import numpy as np
+import pytest
+
+from mpnn.parallel.gather import gather_whole
+from mpnn.parallel.grid import make_grid
+
+
+def _first(ranks):
+    """A communicator of the first ``ranks`` world ranks (None on the others)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    inside = world.Get_rank() < ranks
+    sub = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
+    return sub if inside else None
+
+
+def _stage_arrays(dp_rank, pp_rank):
+    """Stage s holds 3 + 2s elements (different lengths), in two dtypes; replicas differ
+    so that the test sees which replica was gathered."""
+    n, start = 3 + 2 * pp_rank, sum(3 + 2 * s for s in range(pp_rank))
+    params = np.arange(start, start + n, dtype=np.float64) + 1000 * dp_rank  # (n_s,)
+    return {"params": params, "m": params.astype(np.float32) / 2}
+
+
+def test_grid_of_one_returns_the_arrays():
+    from mpi4py import MPI
+
+    grid = make_grid(MPI.COMM_SELF)
+    arrays = _stage_arrays(0, 0)
+    whole = gather_whole(grid, arrays)
+    assert list(whole) == ["params", "m"]
+    assert all(whole[k] is arrays[k] for k in arrays)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dp,pp", [(1, 2), (2, 2), (1, 4)])
+def test_whole_model_on_world_rank_0(dp, pp):
+    from mpi4py import MPI
+
+    if dp * pp > MPI.COMM_WORLD.Get_size():
+        pytest.skip(f"needs {dp * pp} ranks")
+    comm = _first(dp * pp)
+    if comm is None:
+        return
+    grid = make_grid(comm, dp, pp)
+    whole = gather_whole(grid, _stage_arrays(grid.dp_rank, grid.pp_rank))
+    if comm.Get_rank() == 0:
+        n = sum(3 + 2 * s for s in range(pp))
+        assert whole["params"].dtype == np.float64 and whole["m"].dtype == np.float32
+        assert np.array_equal(whole["params"], np.arange(n, dtype=np.float64))  # replica 0's
+        assert np.array_equal(whole["m"], np.arange(n, dtype=np.float32) / 2)
+    else:
+        assert whole is None
+    comm.Free()
