@@ -138,8 +138,10 @@ def test_empty_micro_batches_in_a_tiny_last_batch(tmp_path):
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_executor_live_micro_batches_match_simulator(schedule):
+    from mpnn.parallel.engine import Engine
     from mpnn.parallel.pipeline import PipelineEngine
-    from mpnn.parallel.schedules import make_schedule, simulate
+    from mpnn.parallel.pipeline_ir import make_schedule
+    from mpnn.parallel.simulator import simulate
 
     comm = sub_world(4)
     if comm is None:
@@ -152,6 +154,13 @@ def test_executor_live_micro_batches_match_simulator(schedule):
     engine.train_step(data.x_train[:50], data.y_train[:50], 1 / 50)
     expected = m if schedule == "gpipe" else min(p - grid.pp_rank, m)
     assert engine.peak_live == expected == simulate(make_schedule(schedule, p, m)).peak_live[grid.pp_rank]
+    # the Engine interface the training loop uses
+    assert isinstance(engine, Engine) and engine.activations() is None
+    assert engine.describe() == (f"pipeline dp 1 x pp 4, {schedule} schedule, "
+                                 f"6 micro-batch(es), layers per stage 0 | 1 | 2 | 3")
+    metrics = engine.epoch_metrics()  # collective over the grid's ranks
+    assert len(metrics["stage_busy_s"]) == 4 and 0.0 <= metrics["bubble"] < 1.0
+    assert min(metrics["stage_forward_s"]) > 0.0
     comm.Free()
 
 
