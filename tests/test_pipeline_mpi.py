@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from mpnn.parallel.pipeline import PipelineConfigError, check_pipeline_config
-from mpnn.train import build_parser, load_weights, setup, train
+from conftest import build_run, run_training, sub_world
+from mpnn.runtime.weights import load_weights
 
 # digits: 1437 training rows; --batch-size 100 leaves a last batch of 37 rows, which
 # 2 replicas share as 19 + 18 and 4 micro-batches split as 5, 5, 5, 4.
@@ -31,34 +32,24 @@ SCHEDULES = ["naive", "gpipe", "1f1b"]
 _serial_cache = {}
 
 
-def sub_world(ranks):
-    """A communicator of the first ``ranks`` world ranks (None on the others)."""
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    inside = world.Get_rank() < ranks
-    sub = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
-    return sub if inside else None
-
-
-def run_training(argv, comm):
-    args = build_parser().parse_args(argv)
-    grid, data, model, _, _ = setup(args, comm)
-    history = train(args, comm, grid, data, model, log=lambda *a: None)
-    return model.state_dict(), history, grid
+def weights(argv, comm=None):
+    """This rank's trained tensors, the per-epoch metrics and the grid of ``argv`` on
+    ``comm`` (default: a world of one)."""
+    run, history = run_training(argv, comm)
+    return run.model.state_dict(), history, run.grid
 
 
 def serial(argv):
     key = tuple(argv)
     if key not in _serial_cache:
-        _serial_cache[key] = run_training(list(argv), None)[:2]
+        _serial_cache[key] = weights(list(argv))[:2]
     return _serial_cache[key]
 
 
 def check_against_serial(comm, argv, tmp_path, pipe):
     """Train with ``pipe`` options on ``comm``; compare stage weights, saved file, metrics."""
     save, metrics = tmp_path / "pipe.npz", tmp_path / "pipe.jsonl"
-    stage, hist_pipe, grid = run_training(argv + pipe + ["--save", str(save),
+    stage, hist_pipe, grid = weights(argv + pipe + ["--save", str(save),
                                                          "--metrics", str(metrics)], comm)
     ref, hist_ref = serial(argv)
     # every rank: its stage's tensors equal the serial model's
@@ -66,11 +57,10 @@ def check_against_serial(comm, argv, tmp_path, pipe):
         diff = np.max(np.abs(value - ref[name]))
         assert diff <= 1e-9, f"{name} on stage {grid.pp_rank}, replica {grid.dp_rank}: {diff:.3e}"
     # the weights moved, so the comparison is not vacuous
-    args = build_parser().parse_args(argv)
-    init = setup(args, None)[2].state_dict()
+    init = build_run(argv).model.state_dict()
     assert not np.allclose(ref["layers.0.weight"], init["layers.0.weight"])
     # metrics reduced over the pipeline's last stages equal the serial ones, on every rank
-    for a, b in zip(hist_pipe, hist_ref):
+    for a, b in zip(hist_pipe, hist_ref, strict=True):
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-12)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)
@@ -87,38 +77,23 @@ def check_against_serial(comm, argv, tmp_path, pipe):
         assert {"stage_busy_s", "stage_idle_s", "stage_forward_s", "stage_backward_s", "bubble"} <= set(lines[0])
 
 
+GRIDS = {  # name: (ranks, pipeline options)
+    "pp2": (2, ["--pp", "2", "--micro-batches", "4"]),
+    "pp4": (4, ["--pp", "4", "--micro-batches", "3", "--partition", "1,1,1,1"]),
+    "dp2xpp2": (4, ["--dp", "2", "--pp", "2", "--micro-batches", "4", "--partition", "3,1"]),
+}
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_two_stages_match_serial(schedule, tmp_path):
-    comm = sub_world(2)
+@pytest.mark.parametrize("grid", [pytest.param(g, marks=pytest.mark.mpi(min_size=n))
+                                  for g, (n, _) in GRIDS.items()])
+def test_pipeline_matches_serial(grid, schedule, tmp_path):
+    ranks, pipe = GRIDS[grid]
+    comm = sub_world(ranks)
     if comm is None:
         return
-    check_against_serial(comm, BASE, tmp_path,
-                         ["--pp", "2", "--micro-batches", "4", "--schedule", schedule])
-    comm.Free()
-
-
-@pytest.mark.mpi(min_size=4)
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_four_stages_match_serial(schedule, tmp_path):
-    comm = sub_world(4)
-    if comm is None:
-        return
-    check_against_serial(comm, BASE, tmp_path,
-                         ["--pp", "4", "--micro-batches", "3", "--schedule", schedule,
-                          "--partition", "1,1,1,1"])
-    comm.Free()
-
-
-@pytest.mark.mpi(min_size=4)
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_dp_x_pp_matches_serial(schedule, tmp_path):
-    comm = sub_world(4)
-    if comm is None:
-        return
-    check_against_serial(comm, BASE, tmp_path,
-                         ["--dp", "2", "--pp", "2", "--micro-batches", "4", "--schedule", schedule,
-                          "--partition", "3,1"])
+    check_against_serial(comm, BASE, tmp_path, pipe + ["--schedule", schedule])
     comm.Free()
 
 
@@ -147,8 +122,8 @@ def test_executor_live_micro_batches_match_simulator(schedule):
     if comm is None:
         return
     p, m = 4, 6
-    args = build_parser().parse_args(BASE + ["--pp", "4", "--micro-batches", str(m)])
-    grid, data, model, _, _ = setup(args, comm)
+    run = build_run(BASE + ["--pp", "4", "--micro-batches", str(m)], comm)
+    grid, data, model = run.grid, run.data, run.model
     stages = [range(i, i + 1) for i in range(4)]
     engine = PipelineEngine(model, "cross_entropy", grid, schedule, m, stages)
     engine.train_step(data.x_train[:50], data.y_train[:50], 1 / 50)
@@ -179,10 +154,11 @@ def test_host_staged_messages_match_direct(schedule):
     if comm is None:
         return
     m = 3
-    args = build_parser().parse_args(BASE + ["--dp", "2", "--pp", "2", "--micro-batches", str(m)])
+    argv = BASE + ["--dp", "2", "--pp", "2", "--micro-batches", str(m)]
     results = []
     for staging in (False, True):
-        grid, data, model, _, _ = setup(args, comm)
+        run = build_run(argv, comm)
+        grid, data, model = run.grid, run.data, run.model
         stages = partition_layers(model.sizes, 2, None)
         engine = PipelineEngine(model, "cross_entropy", grid, schedule, m, stages,
                                 host_staging=staging)
