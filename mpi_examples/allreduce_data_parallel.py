@@ -29,14 +29,14 @@ lo, hi = rank * N // size, (rank + 1) * N // size  # this rank's contiguous rows
 x_r, y_r = x[lo:hi], y[lo:hi]
 
 g = np.empty(D)
-for step in range(steps):
+for _ in range(steps):
     g[...] = x_r.T @ (x_r @ w - y_r) / N  # local share, scaled by 1/N (global)
     comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)  # g = full-batch gradient everywhere
     w -= lr * g
 
 # check: the same as one process doing full-batch gradient descent
 w_serial = np.zeros(D)
-for step in range(steps):
+for _ in range(steps):
     w_serial -= lr * x.T @ (x @ w_serial - y) / N
 assert np.allclose(w, w_serial, atol=1e-12)
 if rank == 0:

@@ -215,7 +215,8 @@ def check_ops_loss(ops, name, rng, eps=EPS):
     scratch = ops.xp.empty((B, C), dtype=DTYPE)
     f = lambda: scale * ops.loss(name, logits, labels, scale, scratch)  # noqa: E731
     num = numerical_grad(f, logits, eps)
-    return [Result(f"ops.loss[{name}]", "dlogits", rel_error(ops.to_host(d), num), TOLERANCES["ops"])]
+    return [Result(f"ops.loss[{name}]", "dlogits", rel_error(ops.to_host(d), num),
+                   TOLERANCES["ops"])]
 
 
 # ------------------------------------------------------------- model check
@@ -274,7 +275,8 @@ def check_model(ops, activation, loss, rng, seed=0, eps=EPS):
     results = []
     for name, g in grads.items():
         target = xd if name == "dx" else model.flat.params[name]
-        results.append(Result(check, name, rel_error(g, numerical_grad(mean_loss, target, eps)), tol))
+        num = numerical_grad(mean_loss, target, eps)
+        results.append(Result(check, name, rel_error(g, num), tol))
     return results
 
 

@@ -32,8 +32,17 @@ from .nn.optim import LR_SCHEDULES, OPTIMIZERS
 from .parallel.schedules import SCHEDULES
 from .runtime.agree import abort_on_error, interrupted, on_every_rank
 from .runtime.checkpoint import prepare_checkpoint_dir
-from .runtime.config import (CheckpointConfig, DataConfig, Every, ModelConfig, OptimConfig,
-                             OutputConfig, ParallelConfig, RunConfig, validate)
+from .runtime.config import (
+    CheckpointConfig,
+    DataConfig,
+    Every,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    ParallelConfig,
+    RunConfig,
+    validate,
+)
 from .runtime.loop import train
 from .runtime.setup import setup
 
@@ -97,7 +106,8 @@ def build_parser():
         prog="python -m mpnn.train",
         description="Train an MLP with hand-derived backprop; under mpirun -n N, data-parallel.")
     a = p.add_argument
-    a("--dataset", default="digits", choices=DATASETS, help="training data (default: digits, offline)")
+    a("--dataset", default="digits", choices=DATASETS,
+      help="training data (default: digits, offline)")
     a("--data-dir", default=None, help="directory holding the IDX files (or <dir>/<dataset>/)")
     a("--hidden", type=_hidden_sizes, default=(256, 128, 64), help="hidden sizes, e.g. 256,128,64")
     a("--activation", default="relu", choices=HIDDEN_ACTIVATIONS)

@@ -8,13 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from mpnn.nn.model import MLP
 from mpnn.runtime import checkpoint as ck
 from mpnn.runtime import files, guards
 from mpnn.runtime.checkpoint import CheckpointError
-from mpnn.runtime.guards import NonFiniteError
-from mpnn.nn.model import MLP
-from mpnn.runtime.weights import load_weights
 from mpnn.runtime.config import Every
+from mpnn.runtime.guards import NonFiniteError
+from mpnn.runtime.weights import load_weights
 from mpnn.train import main, parse_every
 
 BASE = ["--dataset", "digits", "--hidden", "24,16", "--epochs", "2", "--batch-size", "100",
@@ -69,10 +69,13 @@ def test_checkpoint_holds_model_optimizer_position_and_config(tmp_path):
     # 15 steps per epoch: 5, 10 mid-epoch; 15 at the epoch's end; 20, 25; 30 the end of epoch 2
     assert names == [f"ckpt-{s:09d}.npz" for s in (5, 10, 15, 20, 25, 30)]
     c = ck.read_checkpoint(str(d / "ckpt-000000010.npz"))
-    assert (c.meta["step"], c.meta["epoch"], c.meta["batch"], c.meta["optimizer_t"]) == (10, 1, 10, 10)
-    assert ck.read_checkpoint(str(d / "ckpt-000000015.npz")).meta["epoch"] == 2  # next epoch, batch 0
+    meta = c.meta
+    assert (meta["step"], meta["epoch"], meta["batch"], meta["optimizer_t"]) == (10, 1, 10, 10)
+    # next epoch, batch 0
+    assert ck.read_checkpoint(str(d / "ckpt-000000015.npz")).meta["epoch"] == 2
     assert c.config["sizes"] == [64, 24, 16, 10] and c.config["optimizer"] == "adam"
-    assert sorted(c.optim) == ["m", "v"] and c.optim["m"].shape == (64 * 24 + 24 + 24 * 16 + 16 + 16 * 10 + 10,)
+    assert sorted(c.optim) == ["m", "v"]
+    assert c.optim["m"].shape == (64 * 24 + 24 + 24 * 16 + 16 + 16 * 10 + 10,)
     with np.load(d / "ckpt-000000010.npz", allow_pickle=False) as z:  # plain arrays only
         assert {"meta", "sha256", "layers.0.weight", "optim.m"} <= set(z.files)
     # the final checkpoint's weights are the --save file's; --init reads a checkpoint too
@@ -192,7 +195,8 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(tmp_path, optimizer, at):
     lines = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
     a, b = lines(tmp_path / "full.jsonl"), lines(metrics)
     assert [r["epoch"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):  # the resumed epoch's loss includes the batches before the stop
+    # the resumed epoch's loss includes the batches before the stop
+    for ra, rb in zip(a, b, strict=True):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-12)
         assert rb["test_accuracy"] == ra["test_accuracy"]
 
@@ -203,7 +207,8 @@ def test_resume_latest_in_directory_and_nothing_to_resume(tmp_path, capsys):
     assert "no checkpoint in" in capsys.readouterr().err
     # a second call with --epochs 2 continues from the epoch-1 checkpoint
     loud = [a for a in BASE if a != "--quiet"]
-    assert main([*loud, "--checkpoint-dir", str(d), "--resume", "--save", str(tmp_path / "r.npz")]) == 0
+    assert main([*loud, "--checkpoint-dir", str(d), "--resume",
+                 "--save", str(tmp_path / "r.npz")]) == 0
     out = capsys.readouterr()
     assert f"resuming from {d / 'ckpt-000000015.npz'} (step 15, epoch 2" in out.out
     assert "--epochs 1 -> 2" in out.err  # a different setting is named, not hidden
@@ -248,7 +253,8 @@ def test_checkpoint_dir_under_a_file_is_refused(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     assert main([*BASE, "--checkpoint-dir", str(f / "ck")]) == 2
-    assert f"--checkpoint-dir {f / 'ck'}: cannot write there (Not a directory)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--checkpoint-dir {f / 'ck'}: cannot write there (Not a directory)" in err
 
 
 # ------------------------------------------------------------------ guards
@@ -271,7 +277,8 @@ def test_nan_gradient_names_step_and_layer():
     with pytest.raises(NonFiniteError) as e:
         guards.check_finite(m, 1.5, 42, 3, 7, rank=2, last_checkpoint="ck/ckpt-000000040.npz")
     msg = str(e.value)
-    assert "non-finite gradient at step 42 (epoch 3, batch 7) on rank 2: first in layers.1.weight" in msg
+    assert ("non-finite gradient at step 42 (epoch 3, batch 7) on rank 2: "
+            "first in layers.1.weight") in msg
     assert "the last good checkpoint ck/ckpt-000000040.npz was not overwritten" in msg
 
 
@@ -286,7 +293,8 @@ def test_inf_gradient_in_two_layers_names_the_one_backward_reaches_first():
 
 def test_nan_loss_names_the_first_layer_with_non_finite_output():
     m = model_with_grads()
-    outputs = {0: np.ones((2, 3)), 1: np.array([[np.inf, 0, 0], [0, 0, 0]]), 2: np.full((2, 2), np.nan)}
+    outputs = {0: np.ones((2, 3)), 1: np.array([[np.inf, 0, 0], [0, 0, 0]]),
+               2: np.full((2, 2), np.nan)}
     with pytest.raises(NonFiniteError, match="training loss is nan at step 5 .* output of layer 1"):
         guards.check_finite(m, float("nan"), 5, 1, 5, activations=outputs)
 
@@ -294,7 +302,8 @@ def test_nan_loss_names_the_first_layer_with_non_finite_output():
 def test_overflowed_update_is_named():
     m = model_with_grads()
     m.flat.params["layers.0.weight"][0, 0] = np.inf
-    with pytest.raises(NonFiniteError, match="non-finite parameters after the optimizer step .*layers.0.weight"):
+    with pytest.raises(NonFiniteError,
+                       match="non-finite parameters after the optimizer step .*layers.0.weight"):
         guards.check_finite(m, 1.0, 9, 1, 9)
 
 

@@ -14,8 +14,9 @@ import pytest
 
 from mpnn.runtime import checkpoint as ck
 from mpnn.runtime.guards import check_replicas_agree
-from conftest import run_training, shared_dir, sub_world
 from mpnn.runtime.weights import load_weights
+
+from conftest import run_training, shared_dir, sub_world
 
 # digits: 1437 rows, batch 100: 15 steps per epoch, the last batch 37 rows
 BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch-size", "100",
@@ -48,7 +49,8 @@ def test_saved_at_dp2_pp2_resumes_at_pp4_dp4_and_serially():
              "dp4": ["--dp", "4"]}
     for name, grid in grids.items():
         run(BASE + grid + ["--checkpoint-dir", f"{d}/{name}", "--resume",
-                           ck.checkpoint_path(f"{d}/a", at[name]), "--save", f"{d}/{name}.npz"], comm)
+                           ck.checkpoint_path(f"{d}/a", at[name]),
+                           "--save", f"{d}/{name}.npz"], comm)
     serial = os.path.join(d, f"serial-{comm.Get_rank()}.npz")  # every rank resumes on its own
     run(BASE + ["--checkpoint-dir", os.path.join(d, f"s{comm.Get_rank()}"), "--resume",
                 ck.checkpoint_path(f"{d}/a", 10), "--save", serial], None)
@@ -110,7 +112,8 @@ def test_diverged_replica_is_named():
         others = [r for r in range(size) if r != 1]
         assert f"ranks [1] diverged from the other replicas (ranks {others})" in msg
     else:
-        assert "no majority" in msg and "ranks [0] hold crc32" in msg and "ranks [1] hold crc32" in msg
+        assert "no majority" in msg
+        assert "ranks [0] hold crc32" in msg and "ranks [1] hold crc32" in msg
 
 
 @pytest.mark.mpi(min_size=2)

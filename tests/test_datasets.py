@@ -231,7 +231,8 @@ def test_ranks_with_their_own_cache_download_for_themselves(mirror, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     for home in homes:
-        assert sorted(x.name for x in (home / ".cache" / "mpnn" / "mnist").iterdir()) == sorted(sums)
+        cache = home / ".cache" / "mpnn" / "mnist"
+        assert sorted(x.name for x in cache.iterdir()) == sorted(sums)
 
 
 # ------------------------------------------------------------------- arguments

@@ -42,7 +42,8 @@ def test_default_command_is_the_readme_test_command():
     assert len(cmd) == 1
     cmd = " ".join(json.loads(cmd[0]))  # exec form
     readme = [part.strip() for part in readme_test_command().split("&&")]
-    assert cmd == readme[-1], f"Dockerfile CMD {cmd!r} is not the README's test command {readme[-1]!r}"
+    assert cmd == readme[-1], (f"Dockerfile CMD {cmd!r} is not the README's test command "
+                               f"{readme[-1]!r}")
     # the README's set-up steps have their image counterparts: the same extra, in a venv
     install = next(p for p in readme if p.startswith("pip install"))
     extra = re.search(r"\.\[(\w+)\]", install).group(1)

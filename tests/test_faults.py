@@ -14,9 +14,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import build_run
 from mpnn.data import write_idx
 from mpnn.runtime import checkpoint as ck
+
+from conftest import build_run
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
@@ -47,7 +48,8 @@ def idx_dir(root, name, images=50, labels=None, magic=False, truncate=False, sid
     else:
         write_idx(d / "train-images-idx3-ubyte",
                   rng.integers(0, 255, (images, 28, side)).astype(np.uint8))
-    write_idx(d / "train-labels-idx1-ubyte", rng.integers(0, 10, (labels or images,)).astype(np.uint8))
+    write_idx(d / "train-labels-idx1-ubyte",
+              rng.integers(0, 10, (labels or images,)).astype(np.uint8))
     write_idx(d / "t10k-images-idx3-ubyte", rng.integers(0, 255, (20, 28, side)).astype(np.uint8))
     write_idx(d / "t10k-labels-idx1-ubyte", rng.integers(0, 10, (20,)).astype(np.uint8))
     images_file = d / "train-images-idx3-ubyte"
@@ -63,17 +65,22 @@ def idx_dir(root, name, images=50, labels=None, magic=False, truncate=False, sid
 CASES = [
     ("missing-data-file", lambda t: ["--dataset", "mnist", "--data-dir", t], 2,
      "mnist: IDX files not found; searched:", 2),
-    ("wrong-magic-idx", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", magic=True)], 2,
+    ("wrong-magic-idx",
+     lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", magic=True)], 2,
      "train-images-idx3-ubyte: not an IDX file: the magic number 0x504b0304", 2),
-    ("truncated-idx", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", truncate=True)], 2,
+    ("truncated-idx",
+     lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", truncate=True)], 2,
      "found 19592: the file is truncated", 2),
-    ("label-count", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", labels=49)], 2,
+    ("label-count",
+     lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", labels=49)], 2,
      "holds 50 images but", 2),
-    ("non-numeric-lr", lambda t: ["--lr", "fast"], 2, "argument --lr: expected a number, got 'fast'", 2),
+    ("non-numeric-lr", lambda t: ["--lr", "fast"], 2,
+     "argument --lr: expected a number, got 'fast'", 2),
     ("non-numeric-batch", lambda t: ["--batch-size", "64k"], 2,
      "argument --batch-size: expected a positive integer, got '64k'", 2),
     ("negative-lr", lambda t: ["--lr", "-0.1"], None, "expected a finite number >= 0, got -0.1", 2),
-    ("negative-epochs", lambda t: ["--epochs", "-3"], None, "expected a positive integer, got -3", 2),
+    ("negative-epochs", lambda t: ["--epochs", "-3"], None,
+     "expected a positive integer, got -3", 2),
     ("zero-batch", lambda t: ["--batch-size", "0"], None, "expected a positive integer, got 0", 2),
     ("negative-micro-batches", lambda t: ["--pp", "2", "--micro-batches", "-1"], 2,
      "--micro-batches must be a positive integer (got -1)", 2),
@@ -107,22 +114,26 @@ CASES = [
     ("save-path-is-a-directory", lambda t: ["--save", t], 2, "is a directory; give a file name", 2),
     ("trace-under-proc", lambda t: ["--trace", "/proc/t.json"], 2,
      "--trace /proc/t.json: directory /proc is not writable", 2),
-    ("plot-unknown-format", lambda t: ["--plot", t / "c.xyz"], 2, "matplotlib cannot write .xyz", 2),
+    ("plot-unknown-format", lambda t: ["--plot", t / "c.xyz"], 2,
+     "matplotlib cannot write .xyz", 2),
     ("data-dir-missing", lambda t: ["--dataset", "mnist", "--data-dir", t / "typo"], 2,
      "typo: no such directory", 2),
-    ("idx-is-a-directory", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", as_dir=True)],
-     2, "train-images-idx3-ubyte.gz: is a directory, not an IDX file", 2),
+    ("idx-is-a-directory",
+     lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", as_dir=True)], 2,
+     "train-images-idx3-ubyte.gz: is a directory, not an IDX file", 2),
     ("idx-images-without-pixels",
      lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", side=0)], 2,
      "train-images-idx3-ubyte: its images have no pixels (dimensions 28 x 0)", 2),
-    ("idx-without-samples", lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", images=0)],
-     2, "train-images-idx3-ubyte: holds no images", 2),
+    ("idx-without-samples",
+     lambda t: ["--dataset", "mnist", "--data-dir", idx_dir(t, "m", images=0)], 2,
+     "train-images-idx3-ubyte: holds no images", 2),
     ("init-with-nan", lambda t: ["--init", _weights(t, nan=True)], 2,
      "layers.0.weight holds NaN or infinite values", 2),
     ("init-other-architecture", lambda t: ["--init", _weights(t, extra=True)], 2,
      "holds layers.2.weight, which a 64-16-10 model does not have", 2),
     ("checkpoint-dir-of-another-run", lambda t: ["--checkpoint-dir", _finished_run(t)], 2,
-     "already holds 1 checkpoint(s) of an earlier run (newest ckpt-000000023.npz): add --resume", 2),
+     "already holds 1 checkpoint(s) of an earlier run (newest ckpt-000000023.npz): "
+     "add --resume", 2),
 ]
 
 
@@ -197,10 +208,12 @@ def test_exception_on_one_rank_ends_the_job_naming_it(tmp_path):
     rc, out, seconds = cli(*RUN, "--epochs", "2", "--checkpoint-dir", d, "--checkpoint-every", "5",
                            ranks=4, code=INJECT, timeout=120)
     assert rc != 0, out
-    assert "mpnn.train: error on rank 2: RuntimeError: injected failure in the middle of epoch 1" in out
+    assert ("mpnn.train: error on rank 2: "
+            "RuntimeError: injected failure in the middle of epoch 1") in out
     assert seconds < 60, f"took {seconds:.0f} s"
     assert ck.latest_checkpoint(str(d)) == str(d / "ckpt-000000010.npz")  # the last complete one
-    rc, out, _ = cli(*RUN, "--epochs", "2", "--checkpoint-dir", d, "--resume", "--save", tmp_path / "w.npz")
+    rc, out, _ = cli(*RUN, "--epochs", "2", "--checkpoint-dir", d, "--resume",
+                     "--save", tmp_path / "w.npz")
     assert rc == 0, out  # ... and a new run resumes from it
 
 
@@ -254,7 +267,8 @@ def test_sigkill_of_one_rank_ends_the_job_and_the_last_checkpoint_loads(tmp_path
     run = build_run(RUN + ["--epochs", "500", "--checkpoint-dir", str(d), "--resume"])
     model, resume = run.model, run.resume
     assert resume.path == latest and resume.step == c.meta["step"]
-    np.testing.assert_array_equal(model.state_dict()["layers.0.weight"], c.params["layers.0.weight"])
+    np.testing.assert_array_equal(model.state_dict()["layers.0.weight"],
+                                  c.params["layers.0.weight"])
 
 
 def test_non_finite_loss_under_mpirun_stops_with_step_and_layer(tmp_path):

@@ -57,7 +57,7 @@ def test_linear_backward_fd(rng, which):
     x, W, b = rng.normal(size=(B, I)), rng.normal(size=(I, O)), rng.normal(size=O)
     dy = rng.normal(size=(B, O))
     _, cache = F.linear_forward(x, W, b)
-    grads = dict(zip(("dx", "dW", "db"), F.linear_backward(dy, cache)))
+    grads = dict(zip(("dx", "dW", "db"), F.linear_backward(dy, cache), strict=True))
     target = {"dx": x, "dW": W, "db": b}[which]
     assert grads[which].shape == target.shape
     num = fd_grad(lambda: F.linear_forward(x, W, b)[0].copy(), target, dy)

@@ -66,7 +66,7 @@ def test_cli_on_cupy_saves_the_numpy_weights(tmp_path, optimizer):
         diff = float(np.max(np.abs(got[name] - ref[name])))
         assert diff <= 1e-9, f"{name}: max |cupy - numpy| = {diff:.2e}"
     assert len(metrics) == len(ref_metrics) == 2
-    for a, b in zip(metrics, ref_metrics):
+    for a, b in zip(metrics, ref_metrics, strict=True):
         assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-12)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-9)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-9)

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from mpnn.nn import functional as F
 from mpnn import gradcheck
 from mpnn.kernels.numpy_ops import NumpyOps
+from mpnn.nn import functional as F
 
 ACTS = ("relu", "tanh", "sigmoid", "identity")
 LOSSES = ("cross_entropy", "mse")

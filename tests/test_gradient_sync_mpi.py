@@ -12,7 +12,7 @@ import pytest
 from mpnn.kernels import get_ops
 from mpnn.nn.model import MLP, Context
 from mpnn.nn.params import Layout
-from mpnn.parallel.data_parallel import BucketedGradientSync, GradientSync, make_buckets
+from mpnn.parallel.data_parallel import BucketedGradientSync, GradientSync
 
 SIZES = [784, 256, 128, 64, 10]
 

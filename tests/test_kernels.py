@@ -448,7 +448,7 @@ def _cupy_glue_without_gpu(acc=(2.5, 1, 0)):
 
 def _same_args(got, expected):
     assert len(got) == len(expected)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert a is b or (type(a) is type(b) and a == b), (a, b)
 
 

@@ -4,8 +4,8 @@ scale, weights I/O, initialisation, and the numpy op set against functional.py."
 import numpy as np
 import pytest
 
-from mpnn.nn import functional as F
 from mpnn.kernels import get_ops
+from mpnn.nn import functional as F
 from mpnn.nn.model import MLP, Context
 
 SIZES = [6, 7, 5, 4]  # three linear layers

@@ -9,8 +9,9 @@ absence is a failure.
 import pytest
 
 from mpnn.data import DataError
-from conftest import build_run
 from mpnn.runtime.loop import train
+
+from conftest import build_run
 
 
 def trained_accuracy(dataset, require_data):

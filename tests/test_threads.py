@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from mpnn.runtime.threads import available_cores, configure_threads, oversubscription_warning, threads_per_rank
+from mpnn.runtime.threads import (
+    available_cores,
+    configure_threads,
+    oversubscription_warning,
+    threads_per_rank,
+)
 
 
 @pytest.mark.parametrize("cores,ranks,expected", [
@@ -15,7 +20,9 @@ def test_threads_per_rank(cores, ranks, expected):
     assert threads_per_rank(cores, ranks) == expected
 
 
-@pytest.mark.parametrize("cores,ranks,threads", [(2, 1, 2), (2, 2, 1), (16, 4, 4), (16, 3, 5), (4, 1, 1)])
+@pytest.mark.parametrize("cores,ranks,threads", [
+    (2, 1, 2), (2, 2, 1), (16, 4, 4), (16, 3, 5), (4, 1, 1),
+])
 def test_no_warning_within_the_cores(cores, ranks, threads):
     assert oversubscription_warning(cores, ranks, threads) is None
 

@@ -6,12 +6,12 @@ import os
 import shutil
 
 import pytest
-
 from mpi4py import MPI
 
-from conftest import run_training, shared_dir
 from mpnn.runtime.trace import NULL_TRACER, Tracer, chrome_trace, make_tracer
 from mpnn.train import main
+
+from conftest import run_training, shared_dir
 
 SELF = MPI.COMM_SELF
 
@@ -92,7 +92,8 @@ def test_trace_has_spans_from_every_rank(grid):
             assert rows[rank] == f"rank {rank} (dp {rank // 2}, stage {stage})"
             assert ("recv grad" if stage == 0 else "recv act") in names
             assert "send wait" in names
-            mbs = {e["args"]["mb"] for e in spans(doc) if e["pid"] == rank and e["name"] == "forward"}
+            mbs = {e["args"]["mb"] for e in spans(doc)
+                   if e["pid"] == rank and e["name"] == "forward"}
             assert mbs == {0, 1}
     world.Barrier()
     if world.Get_rank() == 0:

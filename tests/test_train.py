@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from mpnn.nn.model import MLP, Context
-from conftest import build_run, run_training
 from mpnn.runtime.loop import train
 from mpnn.runtime.weights import load_weights
 from mpnn.train import main
+
+from conftest import build_run, run_training
 
 FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -136,8 +137,8 @@ assert after == compiled, f"compiled during training: {after} (after setup: {com
 
 @pytest.mark.parametrize("extra", [
     ["--optimizer", "adam", "--weight-decay", "0.01"],
-    ["--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--activation", "tanh", "--loss", "mse",
-     "--dtype", "float64"],
+    ["--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "--activation", "tanh",
+     "--loss", "mse", "--dtype", "float64"],
     ["--optimizer", "sgd", "--momentum", "0", "--activation", "sigmoid"],
 ])
 def test_setup_compiles_every_kernel_the_run_calls(extra):

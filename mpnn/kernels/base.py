@@ -106,7 +106,8 @@ class AdamScalars(NamedTuple):
                    eps, 1 - lr * weight_decay, weight_decay)
 
     def kernel_args(self, dtype):
-        """(lr_t, β₁, β₂, c1, c2, inv_bc2, ε, decay, tiny) in ``dtype``: the fused kernels' order."""
+        """(lr_t, β₁, β₂, c1, c2, inv_bc2, ε, decay, tiny) in ``dtype``: the fused
+        kernels' order."""
         return typed(dtype, self.lr_t, self.beta1, self.beta2, self.c1, self.c2, self.inv_bc2,
                      self.eps, self.decay, flush_bound(dtype))
 

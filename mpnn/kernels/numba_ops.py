@@ -127,9 +127,10 @@ def softmax_xent(logits, labels, scale, out, write_grad):
     """Σ_i (lse_i − z_{i,y_i}) and, if write_grad, out = scale·(softmax − onehot).
 
     logits, out (B, C); labels (B,). Per row: one pass for the max (and
-    argmax), one storing e^(z − m) into out while summing it, one scaling. Also returns the number of rows
-    whose argmax (first maximum, as np.argmax) equals the label, and -1 in
-    place of that count when a label is outside [0, C).
+    argmax), one storing e^(z − m) into out while summing it, one scaling.
+    Also returns the number of rows whose argmax (first maximum, as
+    np.argmax) equals the label, and -1 in place of that count when a label
+    is outside [0, C).
     """
     B, C = logits.shape
     loss = 0.0  # float64 accumulator

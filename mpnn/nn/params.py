@@ -109,7 +109,8 @@ class FlatParams:
                 raise ValueError(f"{source}: {name} holds {a.dtype} values, not real numbers")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise ValueError(f"{source}: {name} holds NaN or infinite values")
-            view[...] = a.astype(self.dtype) if isinstance(view, np.ndarray) else _to_device(view, a)
+            view[...] = (a.astype(self.dtype) if isinstance(view, np.ndarray)
+                         else _to_device(view, a))
 
 
 def _to_host(a):

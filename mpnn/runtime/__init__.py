@@ -1,1 +1,2 @@
-"""What runs around the math: the training loop, setup, checkpoints, guards, files, traces, threads."""
+"""What runs around the math: the training loop, setup, checkpoints, guards, files, traces,
+threads."""

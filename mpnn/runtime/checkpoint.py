@@ -47,15 +47,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .files import atomic_write
 from ..nn.params import Layout
+from .files import atomic_write
 
 FORMAT, VERSION = "mpnn-checkpoint", 1
 NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
 # settings whose change makes the saved state meaningless for this run
 STRICT = ("sizes", "activation", "loss", "optimizer", "dtype", "dataset")
 # settings whose change only makes the resumed run differ from the uninterrupted one
-LOOSE = ("lr", "lr_schedule", "momentum", "nesterov", "weight_decay", "batch_size", "epochs", "seed")
+LOOSE = ("lr", "lr_schedule", "momentum", "nesterov", "weight_decay", "batch_size", "epochs",
+         "seed")
 
 
 class CheckpointError(ValueError):

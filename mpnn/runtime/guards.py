@@ -75,7 +75,8 @@ def check_replicas_agree(comm, flat, when=None):
         return
     from mpi4py import MPI
 
-    data = flat.data.get() if hasattr(flat.data, "get") else flat.data  # host copy of a device buffer
+    # host copy of a device buffer
+    data = flat.data.get() if hasattr(flat.data, "get") else flat.data
     mine = np.array([zlib.crc32(np.ascontiguousarray(data).tobytes()), MPI.COMM_WORLD.Get_rank()],
                     dtype=np.int64)
     every = np.empty((comm.Get_size(), 2), dtype=np.int64)
@@ -88,7 +89,8 @@ def check_replicas_agree(comm, flat, when=None):
     if when is None:
         bad = [r for h, r in every.tolist() if h != every[0, 0]]
         raise RuntimeError(f"data-parallel replicas start from different weights "
-                           f"(ranks {bad} differ from rank {every[0, 1]}): the seed or --init differs")
+                           f"(ranks {bad} differ from rank {every[0, 1]}): "
+                           "the seed or --init differs")
     sizes = sorted(len(g) for g in groups.values())
     if sizes[-1] > sizes[-2]:  # a strict majority agrees: the others diverged
         majority = max(groups.values(), key=len)
