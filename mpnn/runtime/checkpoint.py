@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..nn.params import Layout
+from ..parallel.gather import gather_whole
 from .files import atomic_write
 
 FORMAT, VERSION = "mpnn-checkpoint", 1
@@ -324,30 +325,16 @@ class Checkpointer:
         return path
 
     def _gather(self, model, opt):
-        """Whole-model flat parameters and optimizer state on world rank 0 (host arrays).
-
-        Replica 0's stages Gatherv their flat buffers (same layout for parameters
-        and optimizer state) to its first stage; stage order is layout order."""
+        """Whole-model flat parameters and optimizer state on world rank 0 (host
+        arrays, via ``parallel.gather.gather_whole``: parameters and optimizer state
+        share one layout); (None, None) on every other rank."""
         ops = model.ops
         ops.synchronize()
         local = {"params": model.flat.data, **opt.state()}
-        grid = self.grid
-        if grid.pp == 1:
-            return (_host(ops, model.flat.data),
-                    {k: _host(ops, v) for k, v in opt.state().items()}) if self.rank == 0 \
-                else (None, None)
-        if grid.dp_rank != 0:
+        whole = gather_whole(self.grid, {name: _host(ops, a) for name, a in local.items()})
+        if whole is None:
             return None, None
-        counts = grid.pp_comm.allgather(model.layout.numel)  # small, once per checkpoint
-        out = {}
-        for name, arr in local.items():
-            mine = _host(ops, arr)
-            full = np.empty(sum(counts), dtype=mine.dtype) if grid.pp_rank == 0 else None
-            grid.pp_comm.Gatherv(mine, [full, counts] if full is not None else None, root=0)
-            out[name] = full
-        if grid.pp_rank != 0:
-            return None, None
-        return out.pop("params"), out
+        return whole.pop("params"), whole
 
 
 @dataclass
