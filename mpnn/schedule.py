@@ -21,10 +21,12 @@ from .parallel.simulator import simulate, timeline
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m mpnn.schedule", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m mpnn.schedule",
+                                 description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pp", type=int, default=4, help="pipeline stages p (default 4)")
-    ap.add_argument("--micro-batches", type=int, default=8, help="micro-batches m per step (default 8)")
+    ap.add_argument("--micro-batches", type=int, default=8,
+                    help="micro-batches m per step (default 8)")
     ap.add_argument("--schedule", choices=list(SCHEDULES), default="1f1b")
     ap.add_argument("--plot", metavar="FILE.png", help="also draw the grid as a Gantt chart")
     ap.add_argument("--actions", action="store_true", help="print every stage's full action list")
@@ -43,7 +45,8 @@ def parse_args(argv=None):
         except ValueError:
             ap.error(f"--stage-costs {text}: expected F or F:B numbers, comma-separated")
         if len(pairs) != args.pp or any(len(c) not in (1, 2) or min(c) <= 0 for c in pairs):
-            ap.error(f"--stage-costs {text}: needs {args.pp} positive F or F:B entries, one per stage")
+            ap.error(f"--stage-costs {text}: needs {args.pp} positive F or F:B entries, "
+                     f"one per stage")
         args.stage_costs = [(c[0], c[1] if len(c) == 2 else c[0] * args.backward_ratio)
                             for c in pairs]
     return args

@@ -4,8 +4,14 @@ import itertools
 
 import pytest
 
-from mpnn.parallel.partition import (PartitionError, balanced_partition, format_partition,
-                                     layer_costs, parse_partition, partition_layers)
+from mpnn.parallel.partition import (
+    PartitionError,
+    balanced_partition,
+    format_partition,
+    layer_costs,
+    parse_partition,
+    partition_layers,
+)
 
 
 def brute_force(costs, pp):
@@ -26,7 +32,7 @@ def test_balanced_is_optimal_and_contiguous(costs):
         assert len(ranges) == pp
         assert ranges[0].start == 0 and ranges[-1].stop == len(costs)
         assert all(len(r) >= 1 for r in ranges)
-        assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:]))
+        assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:], strict=False))
         assert max(sum(costs[i] for i in r) for r in ranges) == brute_force(costs, pp)
 
 
@@ -48,7 +54,8 @@ def test_override():
 
 
 @pytest.mark.parametrize("text,match", [("2,1", "gives 2 stage"), ("2,2,1", "must sum to 4"),
-                                        ("3,0,1", "at least one layer"), ("2,x,1", "comma-separated"),
+                                        ("3,0,1", "at least one layer"),
+                                        ("2,x,1", "comma-separated"),
                                         ("1,1,1", "must sum to 4")])
 def test_override_errors(text, match):
     with pytest.raises(PartitionError, match=match):

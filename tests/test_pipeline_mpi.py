@@ -20,9 +20,10 @@ import sys
 import numpy as np
 import pytest
 
-from mpnn.parallel.pipeline import PipelineConfigError, check_pipeline_config
-from conftest import build_run, run_training, sub_world
+from mpnn.parallel.pipeline_config import PipelineConfigError, check_pipeline_config
 from mpnn.runtime.weights import load_weights
+
+from conftest import build_run, run_training, sub_world
 
 # digits: 1437 training rows; --batch-size 100 leaves a last batch of 37 rows, which
 # 2 replicas share as 19 + 18 and 4 micro-batches split as 5, 5, 5, 4.
@@ -74,7 +75,8 @@ def check_against_serial(comm, argv, tmp_path, pipe):
             assert np.max(np.abs(saved[name] - ref[name])) <= 1e-9, name
         lines = [json.loads(line) for line in metrics.read_text().splitlines()]
         assert [r["epoch"] for r in lines] == [1, 2]
-        assert {"stage_busy_s", "stage_idle_s", "stage_forward_s", "stage_backward_s", "bubble"} <= set(lines[0])
+        assert {"stage_busy_s", "stage_idle_s", "stage_forward_s", "stage_backward_s",
+                "bubble"} <= set(lines[0])
 
 
 GRIDS = {  # name: (ranks, pipeline options)
@@ -128,7 +130,8 @@ def test_executor_live_micro_batches_match_simulator(schedule):
     engine = PipelineEngine(model, "cross_entropy", grid, schedule, m, stages)
     engine.train_step(data.x_train[:50], data.y_train[:50], 1 / 50)
     expected = m if schedule == "gpipe" else min(p - grid.pp_rank, m)
-    assert engine.peak_live == expected == simulate(make_schedule(schedule, p, m)).peak_live[grid.pp_rank]
+    simulated = simulate(make_schedule(schedule, p, m)).peak_live[grid.pp_rank]
+    assert engine.peak_live == expected == simulated
     # the Engine interface the training loop uses
     assert isinstance(engine, Engine) and engine.activations() is None
     assert engine.describe() == (f"pipeline dp 1 x pp 4, {schedule} schedule, "
@@ -175,7 +178,7 @@ def test_host_staged_messages_match_direct(schedule):
         steps.append(engine.evaluate(x_test, data.y_test[:300], chunk=128))
         results.append(steps)
     direct, staged = results
-    for (l0, g0), (l1, g1) in zip(direct[:3], staged[:3]):
+    for (l0, g0), (l1, g1) in zip(direct[:3], staged[:3], strict=True):
         assert l0 == l1 and np.array_equal(g0, g1)
     assert np.any(direct[0][1] != 0) and np.any(direct[2][1] != 0)
     assert direct[3] == staged[3]

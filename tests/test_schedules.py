@@ -2,10 +2,23 @@
 
 import pytest
 
-from mpnn.parallel.pipeline_ir import (COMPUTE, RECEIVES, SCHEDULES, SENDS, STEP, Action, Kind,
-                                       ScheduleError, add_communication, analytic_bubble,
-                                       compute_order, format_actions, make_schedule, parse_actions,
-                                       peer)
+from mpnn.parallel.pipeline_ir import (
+    COMPUTE,
+    RECEIVES,
+    SCHEDULES,
+    SENDS,
+    STEP,
+    Action,
+    Kind,
+    ScheduleError,
+    add_communication,
+    analytic_bubble,
+    compute_order,
+    format_actions,
+    make_schedule,
+    parse_actions,
+    peer,
+)
 from mpnn.parallel.simulator import simulate, timeline
 from mpnn.parallel.tags import EVAL_TAG, MAX_MICRO_BATCHES, message_tag
 
@@ -164,7 +177,8 @@ def test_cli_prints_grid_and_bubble(capsys, tmp_path):
     from mpnn.schedule import main
 
     png = tmp_path / "g.png"
-    assert main(["--pp", "4", "--micro-batches", "8", "--schedule", "1f1b", "--plot", str(png)]) == 0
+    assert main(["--pp", "4", "--micro-batches", "8", "--schedule", "1f1b",
+                 "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "stage 0 F0 F1 F2 F3" in out
     assert "simulated 0.2727" in out and "= 0.2727" in out
@@ -248,7 +262,8 @@ def _hand_inserted(name, p, m):
 @pytest.mark.parametrize("name", list(SCHEDULES))
 @pytest.mark.parametrize("p,m", GRID + [(5, 3), (6, 8)])
 def test_pass_reproduces_the_hand_inserted_schedules(name, p, m):
-    assert [format_actions(acts) for acts in make_schedule(name, p, m)] == _hand_inserted(name, p, m)
+    actions = [format_actions(acts) for acts in make_schedule(name, p, m)]
+    assert actions == _hand_inserted(name, p, m)
 
 
 def test_pass_on_known_lists():
@@ -307,7 +322,7 @@ def test_tags():
 
 
 def test_micro_batches_beyond_the_tags_are_refused():
-    from mpnn.parallel.pipeline import PipelineConfigError, check_pipeline_config
+    from mpnn.parallel.pipeline_config import PipelineConfigError, check_pipeline_config
 
     n = MAX_MICRO_BATCHES + 1
     with pytest.raises(PipelineConfigError, match="the message tags can number"):

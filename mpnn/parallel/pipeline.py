@@ -49,54 +49,14 @@ from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .gather import gather_whole
-from .grid import GridError, grid_shape
-from .partition import PartitionError, check_stages, format_partition, parse_partition
+from .partition import format_partition
 from .pipeline_ir import RECEIVES, Kind, make_schedule, peer
 from .simulator import simulate
 from .staging import copy_from_host, copy_to_host, needs_host_staging
-from .tags import EVAL_TAG, MAX_MICRO_BATCHES, message_tag
+from .tags import EVAL_TAG, message_tag
 
 # the receive buffers a message kind lands in
 _INBOX = {Kind.RECV_ACT: "act", Kind.RECV_GRAD: "grad"}
-
-
-class PipelineConfigError(ValueError):
-    """A --pp / --dp / --micro-batches / --partition combination that cannot run."""
-
-
-def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, partition=None):
-    """Validate the grid and pipeline options before any message (same answer on every rank).
-
-    world ranks must be dp x pp; every stage needs a layer; a ``--partition``
-    must list pp positive counts summing to the layers; a full global batch
-    must give every replica at least one row per micro-batch. (A last partial
-    batch too small for that runs with some empty micro-batches: the schedule
-    stays the same and an empty micro-batch contributes nothing.)
-    Returns (dp, pp). Raises PipelineConfigError.
-    """
-    try:
-        dp, pp = grid_shape(world, dp, pp)
-        check_stages(n_layers, pp)
-        if partition:
-            parse_partition(partition, n_layers, pp)
-    except (GridError, PartitionError) as e:
-        raise PipelineConfigError(str(e)) from None
-    if micro_batches < 1:
-        raise PipelineConfigError(f"--micro-batches must be a positive integer (got {micro_batches})")
-    if micro_batches > MAX_MICRO_BATCHES:
-        raise PipelineConfigError(f"--micro-batches {micro_batches} is more than the "
-                                  f"{MAX_MICRO_BATCHES} the message tags can number")
-    if pp == 1 and micro_batches > 1:
-        raise PipelineConfigError("--micro-batches splits the batch between pipeline stages: "
-                                  "use it with --pp 2 or more")
-    smallest = batch_size // dp
-    if smallest < micro_batches:
-        raise PipelineConfigError(
-            f"--batch-size {batch_size} over {dp} data-parallel replica(s) gives a replica "
-            f"{smallest} row(s) per step, fewer than --micro-batches {micro_batches}: every "
-            f"micro-batch needs at least one row; use --batch-size >= {dp * micro_batches} "
-            f"or fewer micro-batches")
-    return dp, pp
 
 
 class _MicroBatch:
@@ -182,8 +142,9 @@ class PipelineEngine:
         for action in self.actions:
             self.dispatch[action.kind](action)
         assert not self._live and not self._recv, "schedule left work behind"
-        assert self.peak_live == self.expected_peak_live, \
-            f"stage {self.stage}: {self.peak_live} live micro-batches, simulator says {self.expected_peak_live}"
+        assert self.peak_live == self.expected_peak_live, (
+            f"stage {self.stage}: {self.peak_live} live micro-batches, "
+            f"simulator says {self.expected_peak_live}")
         return self._loss_sum
 
     def _rows(self, k):
@@ -256,7 +217,8 @@ class PipelineEngine:
             out = self.model.forward(x, mb.ctx)  # (B, O)
             if self.is_last and hi > lo:
                 dlogits = self._buffer(self._grad_in, k, hi - lo)  # (B, C)
-                self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi], self._scale, dlogits)
+                self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi],
+                                                self._scale, dlogits)
         self.forward_s += time.perf_counter() - t0
         self._live[k] = mb
         self.peak_live = max(self.peak_live, len(self._live))

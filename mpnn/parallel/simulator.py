@@ -78,7 +78,8 @@ class SimResult:
                 row.append(".")
             for st in self.stalls:
                 cells[st.stage][-1] = f"!{st.action}"
-        width = max([len(c) for row in cells for c in row] + [len(str(len(cells[0]) - 1)) if cells and cells[0] else 1])
+        slot_width = len(str(len(cells[0]) - 1)) if cells and cells[0] else 1
+        width = max([len(c) for row in cells for c in row] + [slot_width])
         n = len(cells[0]) if cells else 0
         lines = ["slot    " + " ".join(f"{t:>{width}}" for t in range(n))]
         for s, row in enumerate(cells):

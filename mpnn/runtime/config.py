@@ -121,7 +121,7 @@ class RunConfig:
 def validate(config, world_size):
     """Raise ConfigError for values or combinations that cannot work (the same on
     every rank; nothing is created or written)."""
-    from ..parallel.pipeline import PipelineConfigError, check_pipeline_config
+    from ..parallel.pipeline_config import PipelineConfigError, check_pipeline_config
 
     m, o, par, out = config.model, config.optim, config.parallel, config.output
     if m.activation not in HIDDEN_ACTIVATIONS:
