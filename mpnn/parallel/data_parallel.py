@@ -13,6 +13,8 @@ the sync is a no-op.
     DataParallelEngine    one training step of a whole-model replica: forward,
                           loss, backward, gradient sum (what the trainer and the
                           benchmark run)
+
+See docs/parallelism.md#1-the-global-batch-is-the-unit and #5-bucket-order-and-overlap.
 """
 
 from __future__ import annotations

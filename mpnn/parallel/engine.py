@@ -32,6 +32,8 @@ parameter server) is a new class here, not a branch in the loop.
                         job, called once per epoch on every rank; {} if none
     describe() -> str | None
                         one start-up line saying how the work is split, or None
+
+See docs/parallelism.md#1-the-global-batch-is-the-unit.
 """
 
 from __future__ import annotations

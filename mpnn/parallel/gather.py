@@ -11,6 +11,8 @@ that replica's first stage. Used by ``PipelineEngine.state_dict`` (``--save``)
 and by the checkpointer.
 
 Shapes: n_s elements on stage s, N = n_0 + ... + n_{p-1} in the whole model.
+
+See docs/parallelism.md#8-checkpoints-across-grids.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ world rank ``r`` sits at coordinates ``(r // pp, r % pp)``.
 
     dp_comm   the ranks holding the same stage in different replicas (gradient Allreduce)
     pp_comm   the ranks of one pipeline, in stage order (activation/gradient Send/Recv)
+
+See docs/parallelism.md#3-the-grid-which-communicator-carries-what.
 """
 
 from __future__ import annotations

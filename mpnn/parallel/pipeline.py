@@ -35,6 +35,8 @@ tests run the staged path with NumPy arrays).
 
 Shapes: B rows of a micro-batch, I = sizes[start] (stage input),
 O = sizes[stop] (stage output).
+
+See docs/parallelism.md#6-how-a-schedule-becomes-messages.
 """
 
 from __future__ import annotations

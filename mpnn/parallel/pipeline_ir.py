@@ -67,6 +67,8 @@ Room to grow (not built yet):
   the chunk into the tag.
 
 Pure Python: no MPI, no NumPy.
+
+See docs/parallelism.md#6-how-a-schedule-becomes-messages.
 """
 
 from __future__ import annotations

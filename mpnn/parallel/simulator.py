@@ -13,6 +13,8 @@ the stage, slot and stuck action of every stage that can never proceed.
 and predicts the makespan and bubble of an unbalanced pipeline.
 
 Pure Python: no MPI, no NumPy.
+
+See docs/parallelism.md#6-how-a-schedule-becomes-messages.
 """
 
 from __future__ import annotations

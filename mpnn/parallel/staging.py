@@ -5,6 +5,8 @@ it (the PyPI ``mpich`` wheel, for one) needs each message copied to host
 memory first and back afterwards. The copies go into preallocated buffers, so
 a training step allocates nothing. With NumPy arrays they are plain copies,
 which lets the CPU tests run the staged code paths.
+
+See docs/parallelism.md#5-bucket-order-and-overlap.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ the same tag from their kinds, so no two messages of a step between the same
 two stages share one. Evaluation streams its chunks with ``EVAL_TAG``, above
 them all. Every MPI library accepts tags up to 32767 (``MPI_TAG_UB`` is at
 least that), which bounds the micro-batches of a step.
+
+See docs/parallelism.md#4-message-tags.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ The loop knows no parallel mode: the engine says whether it reads features
 figures (``epoch_metrics``). Data-parallel rank r of a grid with ``dp``
 replicas takes its contiguous share of every global batch; every sum over
 ranks is in float64 over the whole job.
+
+See docs/parallelism.md#1-the-global-batch-is-the-unit.
 """
 
 from __future__ import annotations
