@@ -1,16 +1,25 @@
-"""Smoke tests of ``python -m mpnn.bench``: tiny runs, the figures' arithmetic."""
+"""``python -m mpnn.bench``: the step it times is the trainer's, the figures'
+arithmetic, tiny end-to-end runs (serial and under mpirun)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from mpnn import bench
+from mpnn.bench import dp_worker, measure, report, runners
+from mpnn.bench.__main__ import main, ratio_pairs
+from mpnn.data.batching import batch_bounds, epoch_permutation, share_bounds
+
+
+@pytest.fixture(scope="module")
+def data():
+    return runners.bench_data(rows=600)
 
 
 def test_step_flops():
-    nominal, executed = bench.step_flops(2)
+    nominal, executed = measure.step_flops(2)
     macs = 784 * 256 + 256 * 128 + 128 * 64 + 64 * 10
     assert nominal == 6 * 2 * macs
     assert executed == nominal - 2 * 2 * 784 * 256  # no input gradient for the first layer
@@ -18,33 +27,123 @@ def test_step_flops():
 
 def test_paired_ratio_is_the_median_of_pairs():
     samples = {"a": [10.0, 20.0, 30.0], "b": [5.0, 20.0, 10.0]}
-    assert bench.paired_ratio(samples, "a", "b") == 2.0
-    assert bench.paired_ratio(samples, "a", "b", scale=0.5) == 1.0
+    assert measure.paired_ratios(samples, "a", "b") == [2.0, 1.0, 3.0]
+    assert measure.paired_ratio(samples, "a", "b") == 2.0
+    assert measure.paired_ratio(samples, "a", "b", scale=0.5) == 1.0
+    assert measure.summary([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
 
 
-def test_serial_run_writes_json(tmp_path):
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_batch_stream_draws_the_trainers_rows(replicas):
+    """Each replica's rows, step by step, are its share of the trainer's global batches,
+    the last partial one included, with a fresh permutation for the next epoch."""
+    n, batch = 50, 16
+    streams = [runners.BatchStream(n, batch, r, replicas) for r in range(replicas)]
+    for epoch in (1, 2):
+        order = epoch_permutation(n, runners.SEED, epoch)
+        for start, stop in batch_bounds(n, batch):
+            for r, s in enumerate(streams):
+                rows, global_batch = s.next()
+                lo, hi = share_bounds(stop - start, r, replicas)
+                assert global_batch == stop - start
+                np.testing.assert_array_equal(rows, order[start + lo:start + hi])
+
+
+def test_mpnn_runner_steps_like_the_trainer(data):
+    """Same weights as the trainer's loop written out: permutation, gather, step, update."""
+    from mpi4py import MPI
+
+    from mpnn.kernels import get_ops
+    from mpnn.nn.model import MLP
+    from mpnn.nn.optim import make_optimizer
+    from mpnn.parallel.data_parallel import DataParallelEngine
+
+    batch, steps = 64, 12  # 600 rows: 10 batches (the last of 24 rows), then epoch 2
+    runner = runners.MpnnRunner("numpy", batch, data)
+    assert runner.run(steps) == 600 + 2 * batch
+
+    ops = get_ops("numpy")
+    model = MLP(runners.SIZES, "relu", np.float32, runners.SEED, ops=ops)
+    opt = make_optimizer("sgd", model.flat, ops, runners.LR, runners.MOMENTUM)
+    engine = DataParallelEngine(model, "cross_entropy", MPI.COMM_SELF, 0.1)
+    done = 0
+    for epoch in (1, 2):
+        order = epoch_permutation(600, runners.SEED, epoch)
+        for start, stop in batch_bounds(600, batch):
+            if done == steps:
+                break
+            rows = order[start:stop]
+            engine.train_step(data.x_train[rows], data.y_train[rows], 1.0 / (stop - start))
+            opt.step(runners.LR)
+            done += 1
+    np.testing.assert_array_equal(runner.model.flat.data, model.flat.data)
+
+
+def test_torch_runner_trains_the_same_rows(data):
+    pytest.importorskip("torch")
+    runner = runners.make_runner("torch", 64, data)
+    assert runner.run(11) == 600 + 64
+    assert runner.stream.epoch == 2
+
+
+def test_configure_threads_sets_torchs_pool():
+    torch = pytest.importorskip("torch")
+    from mpnn.runtime.threads import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(None, 1, torch=True)[0] == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        configure_threads(None)
+
+
+def test_ratio_pairs():
+    assert ratio_pairs(["numpy", "numba", "torch"]) == [("numba", "torch"), ("numba", "numpy")]
+    assert ("cupy", "torch-cuda") in ratio_pairs(["numba", "cupy", "torch-cuda"])
+
+
+def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = bench.main(["--batches", "8,16", "--repeats", "1", "--block-s", "0.01",
-                         "--backends", "numpy,numba", "--no-dp", "--json", str(out)])
+    result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
+                   "--backends", "numpy,numba", "--no-dp", "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
     assert data["samples_per_s"]["8"]["numba"] > 0
+    lo, hi = data["samples_per_s_range"]["8"]["numba"]
+    assert lo <= data["samples_per_s"]["8"]["numba"] <= hi
     assert data["numba_step_flops"]["16"]["executed_fraction"] > 0
-    assert report["data_parallel"] is None
+    assert set(data["ratios"]) == {"numba/numpy"}
+    assert result["data_parallel"] is None
+    text = capsys.readouterr().out
+    assert "numba/numpy" in text and "[" in text  # medians with their ranges
+    assert "issue" not in text.lower()
+
+
+def test_targets_are_said_in_words():
+    fake = {"ratios": {"numba/torch": {"64": 1.6, "256": 1.1}},
+            "ratio_ranges": {"numba/torch": {"64": [1.5, 1.7], "256": [1.0, 1.2]}},
+            "numba_step_flops": {}, "data_parallel": None}
+    targets = report.judge_targets(fake)
+    assert targets["numba/torch at batch 64"]["met"]
+    assert not targets["numba/torch at batch 256"]["met"]
+    assert all(t["what"] for t in targets.values())
 
 
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
-        bench.main(["--backends", "numpy,fortran", "--no-dp"])
+        main(["--backends", "numpy,fortran", "--no-dp"])
 
 
-def test_dp_measurement_under_mpirun(tmp_path):
-    """The bench launches mpirun -n 2 itself; the replicas must agree."""
-    args = bench.parse_args(["--repeats", "1", "--block-s", "0.01", "--dp-batch", "16"])
-    dp = bench.run_dp(args)
+def test_dp_measurement_under_mpirun():
+    """The bench launches mpirun -n 2 python -m mpnn.bench.dp_worker; the replicas must agree."""
+    dp = dp_worker.launch(ranks=2, repeats=2, block_s=0.01, batch=16, rows=256)
     if isinstance(dp, str) and "not found" in dp:
         pytest.skip(dp)
     assert isinstance(dp, dict), dp
     assert dp["replicas_identical"]
-    for mode in ("single", "none", "blocking", "overlapped"):
+    assert dp["buckets"]  # the overlapped engine is the bucketed one, as mpnn.train builds it
+    for mode in dp_worker.MODES:
         assert dp[mode]["per_rank_samples_s"] > 0
+    assert dp["overlapped"]["efficiency"] > 0
