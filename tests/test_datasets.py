@@ -82,12 +82,82 @@ def test_name_subdir_before_root_and_root_itself(roots):
     assert _marker(load_dataset("fashion-mnist", data_dir=root, download=False)) == 8
 
 
-def test_incomplete_dir_is_skipped_and_reported(roots):
-    root = _write_idx_dir(roots["tmp"] / "data", 5)
-    (root / "t10k-labels-idx1-ubyte").unlink()
+def test_incomplete_cache_or_system_dir_is_skipped_and_reported(roots):
+    _write_idx_dir(roots["system"] / "mnist", 4)
+    cache = _write_idx_dir(roots["cache"] / "mnist", 3)
+    (cache / "t10k-labels-idx1-ubyte").unlink()
+    assert _marker(load_dataset("mnist", download=False)) == 4  # not named by the user
+    (roots["system"] / "mnist" / "t10k-images-idx3-ubyte").unlink()
     with pytest.raises(DataError) as info:
-        load_dataset("mnist", data_dir=root, download=False)
-    assert f"{root} (incomplete: missing t10k-labels-idx1-ubyte)" in str(info.value)
+        load_dataset("mnist", data_dir=roots["tmp"], download=False)  # holds no IDX files
+    message = str(info.value)
+    assert f"{cache} (incomplete: missing t10k-labels-idx1-ubyte)" in message
+    assert f"{roots['system'] / 'mnist'} (incomplete: missing t10k-images-idx3-ubyte)" in message
+
+
+def _named_partial(roots, where):
+    """A complete copy in the system root, and ``where`` holding three of the four files."""
+    _write_idx_dir(roots["system"] / "fashion-mnist", 4)
+    return _write_idx_dir(where, 5)
+
+
+@pytest.mark.parametrize("sub", ["", "fashion-mnist"])
+def test_incomplete_data_dir_is_an_error_not_a_fallback(roots, sub):
+    # one file misnamed: before, the system root's copy was trained on without a word
+    data_dir = roots["tmp"] / "data"
+    d = _named_partial(roots, data_dir / sub)
+    (d / "t10k-labels-idx1-ubyte").rename(d / "t10k-labels.gz")
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion-mnist", data_dir=data_dir, download=True)
+    message = str(info.value)
+    assert f"{d} (named by --data-dir" in message, message
+    assert "holds only part of the dataset: missing t10k-labels-idx1-ubyte" in message
+    assert "it also holds t10k-labels.gz" in message
+    assert "under exactly these names" in message
+
+
+def test_dangling_symlink_in_data_dir_is_named(roots):
+    d = _named_partial(roots, roots["tmp"] / "data")
+    target = roots["tmp"] / "elsewhere" / "train-images-idx3-ubyte"
+    (d / "train-images-idx3-ubyte").unlink()
+    (d / "train-images-idx3-ubyte").symlink_to(target)
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion-mnist", data_dir=d, download=False)
+    message = str(info.value)
+    assert f"train-images-idx3-ubyte is a dangling symlink (to {target}, which does not " \
+           f"exist)" in message, message
+    assert "missing" not in message  # the other three are there
+    (d / "train-images-idx3-ubyte.gz").symlink_to(target)  # still nothing readable
+    with pytest.raises(DataError, match="dangling symlink"):
+        load_dataset("fashion-mnist", data_dir=d, download=False)
+    write_idx(d / "train-images-idx3-ubyte.gz", np.full((6, 28, 28), 6, dtype=np.uint8))
+    assert _marker(load_dataset("fashion-mnist", data_dir=d, download=False)) == 6
+
+
+def test_incomplete_mpnn_data_is_an_error_not_a_fallback(roots, monkeypatch):
+    env = roots["tmp"] / "env"
+    d = _named_partial(roots, env / "fashion-mnist")
+    (d / "train-labels-idx1-ubyte").unlink()
+    monkeypatch.setenv("MPNN_DATA", str(env))
+    with pytest.raises(DataError) as info:
+        load_dataset("fashion-mnist", download=False)
+    message = str(info.value)
+    assert f"{d} (named by MPNN_DATA) holds only part of the dataset: missing " \
+           f"train-labels-idx1-ubyte" in message, message
+    empty = roots["tmp"] / "empty"  # a named directory holding none of the files is passed
+    empty.mkdir()                   # over: one root can hold several datasets
+    monkeypatch.setenv("MPNN_DATA", str(empty))
+    assert _marker(load_dataset("fashion-mnist", data_dir=empty, download=False)) == 4
+
+
+def test_incomplete_data_dir_ends_the_cli_with_the_message(roots, capsys):
+    from mpnn.train import main
+
+    d = _named_partial(roots, roots["tmp"] / "data")
+    (d / "t10k-images-idx3-ubyte").unlink()
+    assert main(["--dataset", "fashion-mnist", "--data-dir", str(d), "--epochs", "1",
+                 "--quiet"]) == 2
+    assert f"{d} (named by --data-dir" in capsys.readouterr().err
 
 
 def test_plain_and_gz_mixed(roots):

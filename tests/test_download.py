@@ -20,12 +20,28 @@ SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     """/good/<f>: PAYLOAD;  /evil/<f>: other bytes;  /die/<f>: half, then hang up;
-    /slow/<f>: 1 KB every 0.1 s (for interrupting);  else 404."""
+    /slow/<f>: 1 KB every 0.1 s (for interrupting);  /steady/<f>: 1 KB every 0.01 s;
+    /trickle/<f>: headers, then a byte every 0.1 s;  /trickle-headers/<f>: the status
+    line a byte every 0.1 s (each trickle hangs up after 3 s);  else 404."""
 
     def do_GET(self):
         kind = self.path.strip("/").split("/")[0]
         self.server.hits.append(self.path)
-        if kind == "slow":
+        if kind in ("trickle", "trickle-headers"):
+            head = f"HTTP/1.0 200 OK\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n".encode()
+            if kind == "trickle":
+                self.wfile.write(head)
+            data = head if kind == "trickle-headers" else PAYLOAD
+            self.close_connection = True
+            try:
+                for i in range(30):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client gave up
+                pass
+            return
+        if kind in ("slow", "steady"):
             self.send_response(200)
             self.send_header("Content-Length", str(len(PAYLOAD)))
             self.end_headers()
@@ -33,7 +49,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 for start in range(0, len(PAYLOAD), 1024):
                     self.wfile.write(PAYLOAD[start:start + 1024])
                     self.wfile.flush()
-                    time.sleep(0.1)
+                    time.sleep(0.1 if kind == "slow" else 0.01)
             except OSError:  # the client went away
                 pass
             return
@@ -162,6 +178,46 @@ def test_mirror_env_replaces_defaults(monkeypatch):
     assert dl.mirrors_for("mnist", mirrors="http://c") == ["http://c/"]
     monkeypatch.delenv("MPNN_MIRROR")
     assert dl.mirrors_for("fashion-mnist") == list(dl.MIRRORS["fashion-mnist"])
+
+
+@pytest.fixture
+def fast_stall_limit(monkeypatch):
+    """A transfer must bring 300 bytes in each 0.3 s (a trickle brings 3)."""
+    monkeypatch.setattr(dl, "MIN_RATE_BPS", 1000)
+    monkeypatch.setattr(dl, "STALL_WINDOW_S", 0.3)
+
+
+@pytest.mark.parametrize("kind", ["trickle", "trickle-headers"])
+def test_trickling_mirror_is_given_up(server, tmp_path, fast_stall_limit, kind):
+    # a byte every 0.1 s restarts the socket timeout every time: only the rate limit ends it
+    base, _ = server
+    started = time.monotonic()
+    with pytest.raises(DataError) as info:
+        dl.download_file(f"{base}/{kind}/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert f"{base}/{kind}/f.gz: download too slow" in message, message
+    assert "under the minimum of 1000 bytes/s" in message and "MPNN_MIRROR" in message
+    assert "--data-dir" in message
+    assert elapsed < 2, elapsed  # the trickle itself lasts 3 s
+    assert _listing(tmp_path) == []
+
+
+def test_steady_download_over_many_windows_is_kept(server, tmp_path, fast_stall_limit):
+    base, _ = server
+    dest = dl.download_file(f"{base}/steady/f.gz", tmp_path / "f.gz", SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD and _listing(tmp_path) == ["f.gz"]
+
+
+def test_fetch_falls_back_from_a_trickling_mirror(server, tmp_path, fast_stall_limit):
+    base, httpd = server
+    httpd.hits.clear()
+    started = time.monotonic()
+    out = dl.fetch("mnist", tmp_path / "mnist", mirrors=[f"{base}/trickle", f"{base}/good"],
+                   progress=False, files={"a.gz": SHA})
+    assert time.monotonic() - started < 2
+    assert httpd.hits == ["/trickle/a.gz", "/good/a.gz"]
+    assert _listing(out) == ["a.gz"] and (out / "a.gz").read_bytes() == PAYLOAD
 
 
 def test_checksum_table_is_well_formed():

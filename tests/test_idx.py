@@ -1,12 +1,14 @@
 """The IDX reader and writer: round trips and every malformed-file error."""
 
 import gzip
+import os
 import struct
 
 import numpy as np
 import pytest
 
 from mpnn.data import DataError, load_idx_pair, read_idx, write_idx
+from mpnn.data.idx import _MAX_NDIM  # NumPy's own limit: 64 since NumPy 2, 32 before
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -86,6 +88,41 @@ def test_unknown_dtype_code(tmp_path):
 
 def test_zero_dimensions(tmp_path):
     _expect(_raw(tmp_path, b"\x00\x00\x08\x00"), "0 dimensions")
+
+
+def _ones_header(ndim):
+    """An IDX ubyte header of ``ndim`` dimensions of size 1, and its one data byte."""
+    return bytes([0, 0, 8, ndim]) + struct.pack(f">{ndim}I", *[1] * ndim) + b"\7"
+
+
+@pytest.mark.parametrize("ndim", [_MAX_NDIM + 1, 255])
+def test_more_dimensions_than_numpy_holds(tmp_path, ndim):
+    # a consistent file NumPy cannot shape: the error used to be NumPy's, naming no file
+    path = _raw(tmp_path, _ones_header(ndim))
+    _expect(path, f"declares {ndim} dimensions, more than the {_MAX_NDIM}", "download again")
+
+
+def test_as_many_dimensions_as_numpy_holds(tmp_path):
+    assert read_idx(_raw(tmp_path, _ones_header(_MAX_NDIM))).shape == (1,) * _MAX_NDIM
+
+
+def test_dangling_symlink(tmp_path):
+    link = tmp_path / "train-images-idx3-ubyte"
+    link.symlink_to(tmp_path / "gone")
+    _expect(link, f"a dangling symlink (to {tmp_path / 'gone'}, which does not exist)")
+
+
+def test_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "pipe-idx1-ubyte"
+    os.mkfifo(fifo)
+    _expect(fifo, "not a regular file")
+    _expect(tmp_path, "is a directory")
+
+
+def test_write_into_a_missing_directory_names_the_file(tmp_path):
+    path = tmp_path / "nowhere" / "a-idx1-ubyte"
+    with pytest.raises(DataError, match=f"{path}: cannot write the file .*nowhere exists"):
+        write_idx(path, np.arange(3, dtype=np.uint8))
 
 
 def test_short_header(tmp_path):

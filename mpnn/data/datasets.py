@@ -22,7 +22,13 @@ split. Features lie in ``[0, 1]``:
   ``dataset-fashion-mnist`` installs); in each root first ``root/<name>/``,
   then ``root`` itself, so a directory holding the four files works as
   ``data_dir`` directly. A directory is used only if it holds all four files.
-  If none does and ``download=True``, the published files are downloaded,
+  One that holds some of them is skipped (and listed) in the cache and the
+  system root, but in a directory the user named (``data_dir`` or
+  ``$MPNN_DATA``, or its ``<name>/``) it is an error naming the missing files
+  (a symlink whose target is gone counts as present but unreadable): training
+  on another copy instead would go unnoticed. A named directory holding none
+  of the files is passed over, so one root can hold several datasets.
+  If no directory holds all four and ``download=True``, the published files are downloaded,
   SHA-256-verified, into ``~/.cache/mpnn/<name>/`` (always the cache, never
   ``data_dir``, which may be shared or read-only; the cache is then found by
   the normal lookup). Files found on disk are validated as IDX but not
@@ -172,41 +178,88 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "mpnn"
 
 
-def search_dirs(name, data_dir=None):
-    """The directories searched for dataset ``name``, in order."""
+def _roots(data_dir):
+    """[(root, how the user named it, or None)] in search order."""
     roots = []
     if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
+        roots.append((Path(data_dir).expanduser(), "--data-dir"))
     if os.environ.get("MPNN_DATA"):
-        roots.append(Path(os.environ["MPNN_DATA"]).expanduser())
-    roots += [cache_root(), SYSTEM_ROOT]
+        roots.append((Path(os.environ["MPNN_DATA"]).expanduser(), "MPNN_DATA"))
+    return roots + [(cache_root(), None), (SYSTEM_ROOT, None)]
+
+
+def search_dirs(name, data_dir=None):
+    """The directories searched for dataset ``name``, in order."""
     dirs = []
-    for root in roots:
+    for root, _ in _roots(data_dir):
         for d in (root / name, root):
             if d not in dirs:
                 dirs.append(d)
     return dirs
 
 
+def _named_dirs(name, data_dir):
+    """{directory: how the user named it} for data_dir, $MPNN_DATA and their <name>/."""
+    named = {}
+    for root, how in _roots(data_dir):
+        if how is not None:
+            for d in (root / name, root):
+                named.setdefault(d, how)
+    return named
+
+
 def _find_files(directory: Path):
-    """{stem: path} for each IDX file present in ``directory`` (plain preferred over .gz)."""
-    found = {}
+    """({stem: path} of the IDX files present in ``directory``, plain preferred
+    over .gz; {stem: path} of those whose only entry is a dangling symlink)."""
+    found, dangling = {}, {}
     for stem in IDX_FILES:
-        for candidate in (directory / stem, directory / f"{stem}.gz"):
-            if candidate.exists():  # a directory by that name is reported by the reader
-                found[stem] = candidate
-                break
-    return found
+        candidates = (directory / stem, directory / f"{stem}.gz")
+        present = [c for c in candidates if c.exists()]  # a directory: the reader says so
+        links = [c for c in candidates if c.is_symlink()]
+        if present:
+            found[stem] = present[0]
+        elif links:
+            dangling[stem] = links[0]
+    return found, dangling
+
+
+def _partial(name, directory, how, found, dangling):
+    """The DataError for a directory the user named that holds part of ``name``."""
+    problems = [f"{p.name} is a dangling symlink (to {os.readlink(p)}, which does not "
+                f"exist)" for p in dangling.values()]
+    missing = [s for s in IDX_FILES if s not in found and s not in dangling]
+    if missing:
+        problems.insert(0, f"missing {', '.join(missing)} (plain or .gz)")
+    expected = {p for s in IDX_FILES for p in (s, f"{s}.gz")}
+    try:
+        others = sorted(p.name + "/" * p.is_dir() for p in directory.iterdir()
+                        if p.name not in expected and not p.name.startswith("."))
+    except OSError:
+        others = []
+    if others:  # a misnamed file is among them
+        more = f" and {len(others) - 8} more" if len(others) > 8 else ""
+        problems.append(f"it also holds {', '.join(others[:8])}{more}")
+    return DataError(f"{name}: {directory} (named by {how}) holds only part of the dataset: "
+                     f"{'; '.join(problems)}. Fix: put all four files {', '.join(IDX_FILES)} "
+                     f"there under exactly these names (each plain or .gz), or name another "
+                     f"directory; no other copy is used in place of one you named")
 
 
 def locate_idx(name, data_dir=None):
-    """(directory holding all four files or None, notes on each place searched)."""
+    """(directory holding all four files or None, notes on each place searched).
+
+    Raises DataError when a directory the user named (data_dir, $MPNN_DATA)
+    holds only some of the files; others that do are skipped and noted.
+    """
     notes = []
+    named = _named_dirs(name, data_dir)
     for d in search_dirs(name, data_dir):
-        found = _find_files(d)
+        found, dangling = _find_files(d)
         if len(found) == len(IDX_FILES):
             return d, notes
-        if found:
+        if (found or dangling) and d in named:
+            raise _partial(name, d, named[d], found, dangling)
+        if found or dangling:
             missing = ", ".join(s for s in IDX_FILES if s not in found)
             notes.append(f"{d} (incomplete: missing {missing})")
         else:
@@ -228,7 +281,7 @@ def _idx_dataset(name, data_dir, dtype, download, progress) -> Dataset:
             raise DataError(f"{name}: IDX files not found; searched:\n  {searched}\n"
                             f"Downloading failed: {e}\nFix: connect to the internet, set "
                             f"MPNN_MIRROR to a reachable mirror, or {_FIX}") from e
-    files = _find_files(directory)
+    files, _ = _find_files(directory)
     x_train, y_train = _load_split(files["train-images-idx3-ubyte"],
                                    files["train-labels-idx1-ubyte"], dtype)
     x_test, y_test = _load_split(files["t10k-images-idx3-ubyte"],

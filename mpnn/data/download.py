@@ -10,6 +10,12 @@ into an exception) cannot clean up: its ``.NAME.*.part`` file is never read,
 and the next fetch into that directory removes it once it is an hour stale
 (a live download keeps touching its own).
 
+A mirror that stalls or trickles is abandoned like one that fails: the
+socket timeout restarts with every byte, so a transfer must also deliver
+``MIN_RATE_BPS`` on average over each ``STALL_WINDOW_S`` window, response
+headers included; a watchdog thread shuts the connection down when it does
+not, which wakes the blocked read.
+
 Mirrors are tried in order. ``mirrors=`` (a list of base URLs) or the
 environment variable ``MPNN_MIRROR`` (base URLs separated by commas)
 *replace* the built-in list, e.g. to use a local copy or an internal server.
@@ -26,10 +32,13 @@ content is not checked here; the IDX reader validates its structure):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import os
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,7 +86,9 @@ FILES = {
 }
 
 _CHUNK = 1 << 16
-_TIMEOUT_S = 30
+_TIMEOUT_S = 30  # per socket operation: no byte at all for this long fails the transfer
+MIN_RATE_BPS = 4096  # below this (the largest file would take ~2 h), averaged over
+STALL_WINDOW_S = 60  # each window of this many seconds, the mirror is given up
 
 
 def mirrors_for(name, mirrors=None):
@@ -102,7 +113,8 @@ def sha256_of(path) -> str:
 def download_file(url, dest, sha256, progress=True, timeout=_TIMEOUT_S) -> Path:
     """Stream ``url`` to ``dest`` if and only if its SHA-256 is ``sha256``.
 
-    Raises DataError (HTTP or network failure, incomplete body, checksum
+    Raises DataError (HTTP or network failure, a transfer slower than
+    MIN_RATE_BPS over a STALL_WINDOW_S window, incomplete body, checksum
     mismatch); ``dest`` is then untouched and no temporary file remains.
     """
     dest = Path(dest)
@@ -115,19 +127,27 @@ def download_file(url, dest, sha256, progress=True, timeout=_TIMEOUT_S) -> Path:
     try:
         h, received, length = hashlib.sha256(), 0, None
         with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    length = resp.headers.get("Content-Length")
-                    length = int(length) if length else None
-                    with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024,
-                              desc=dest.name, disable=not progress, leave=False) as bar:
-                        while chunk := resp.read(_CHUNK):
-                            out.write(chunk)
-                            h.update(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                raise DataError(f"{url}: download failed: {_describe(e)}") from e
+            with _Watchdog(MIN_RATE_BPS, STALL_WINDOW_S) as watchdog:
+                opener = urllib.request.build_opener(_HTTPHandler(watchdog),
+                                                     _HTTPSHandler(watchdog))
+                try:
+                    with opener.open(url, timeout=timeout) as resp:
+                        length = resp.headers.get("Content-Length")
+                        length = int(length) if length else None
+                        with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024,
+                                  desc=dest.name, disable=not progress, leave=False) as bar:
+                            while chunk := resp.read1(_CHUNK):  # what has arrived
+                                out.write(chunk)
+                                h.update(chunk)
+                                received += len(chunk)
+                                watchdog.received = received
+                                bar.update(len(chunk))
+                except (OSError, http.client.HTTPException, ValueError) as e:
+                    if watchdog.slow is not None:
+                        raise _too_slow(url, watchdog) from e
+                    raise DataError(f"{url}: download failed: {_describe(e)}") from e
+            if watchdog.slow is not None and (length is None or received < length):
+                raise _too_slow(url, watchdog)  # cut off at what looked like the end
             if length is not None and received != length:
                 raise DataError(f"{url}: download failed: connection closed after {received} "
                                 f"of {length} bytes")
@@ -144,6 +164,98 @@ def download_file(url, dest, sha256, progress=True, timeout=_TIMEOUT_S) -> Path:
         raise
     fsync_dir(dest.parent)
     return dest
+
+
+def _too_slow(url, watchdog):
+    return DataError(f"{url}: download too slow: {watchdog.slow} bytes in "
+                     f"{watchdog.window_s:g} s, under the minimum of {watchdog.min_rate} "
+                     f"bytes/s, so this mirror was given up; set MPNN_MIRROR to another "
+                     f"mirror, or download the files yourself and pass --data-dir DIR")
+
+
+class _Watchdog:
+    """Gives up a transfer that delivers under ``min_rate * window_s`` bytes in any
+    window of ``window_s`` seconds (the socket timeout restarts with every byte).
+
+    From its own thread it shuts down the sockets handed to ``watch``, which wakes
+    the read blocked on them, whether in the response headers or the body, and
+    records in ``slow`` how many bytes the window that fell short brought.
+    """
+
+    def __init__(self, min_rate, window_s):
+        self.min_rate, self.window_s = min_rate, window_s
+        self.received = 0  # body bytes so far, set by the reading thread
+        self.slow = None
+        self._sockets, self._lock = [], threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpnn-download-watchdog",
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    def watch(self, sock):
+        with self._lock:
+            self._sockets.append(sock)
+
+    def _run(self):
+        start = 0
+        while not self._done.wait(self.window_s):
+            got = self.received - start
+            if got >= self.min_rate * self.window_s:
+                start += got
+                continue
+            with self._lock:
+                self.slow = got
+                for sock in self._sockets:
+                    try:  # the plain socket's shutdown, also under TLS: the fd is shared
+                        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                    except OSError:  # closed already (a redirect's first connection)
+                        pass
+            return
+
+
+class _Watched:
+    """Mixin for an http.client connection: its socket, once connected, goes to a _Watchdog."""
+
+    def __init__(self, *args, watchdog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watchdog = watchdog
+
+    def connect(self):
+        super().connect()
+        self._watchdog.watch(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, watchdog):
+        super().__init__()
+        self._watchdog = watchdog
+
+    def http_open(self, req):
+        return self.do_open(functools.partial(_WatchedHTTP, watchdog=self._watchdog), req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, watchdog):
+        super().__init__()
+        self._watchdog = watchdog
+
+    def https_open(self, req):  # the default context, as urllib's own handler uses
+        return self.do_open(functools.partial(_WatchedHTTPS, watchdog=self._watchdog), req)
 
 
 def _describe(e):

@@ -52,6 +52,7 @@ IDX_DTYPES = {
 }
 _CODES = {(dt.kind, dt.itemsize): code for code, dt in IDX_DTYPES.items()}
 _GZIP_MAGIC = b"\x1f\x8b"
+_MAX_NDIM = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32  # NumPy's limit
 _REDOWNLOAD = "delete it and download again"
 
 
@@ -98,8 +99,14 @@ def read_idx(path) -> np.ndarray:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not an IDX file")
-    if not path.is_file():
+    if not path.exists() and path.is_symlink():
+        raise DataError(f"{path}: a dangling symlink (to {os.readlink(path)}, which does not "
+                        f"exist); point it at the IDX file or replace it with the file")
+    if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (a pipe, socket or device?); an IDX "
+                        f"file is read from disk")
     try:
         stream, raw = _open(path)
         with raw, stream:
@@ -107,7 +114,8 @@ def read_idx(path) -> np.ndarray:
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise DataError(f"{path}: corrupt gzip stream ({e}); {_REDOWNLOAD}") from e
     except OSError as e:
-        raise DataError(f"{path}: cannot read the file ({e})") from e
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e}); check that it "
+                        f"is readable") from e
 
 
 def _parse(f, path: Path) -> np.ndarray:
@@ -127,6 +135,10 @@ def _parse(f, path: Path) -> np.ndarray:
     if ndim == 0:
         raise DataError(f"{path}: the IDX header declares 0 dimensions; an IDX file holds "
                         f"at least one")
+    if ndim > _MAX_NDIM:
+        raise DataError(f"{path}: the IDX header declares {ndim} dimensions, more than the "
+                        f"{_MAX_NDIM} a NumPy array can have (the magic number 0x{magic.hex()} "
+                        f"is damaged, or this is not an IDX file); {_REDOWNLOAD}")
     header = 4 + 4 * ndim
     dims_bytes = f.read(4 * ndim)
     if len(dims_bytes) < 4 * ndim:
@@ -168,7 +180,11 @@ def write_idx(path, array) -> Path:
         raise DataError(f"{path}: IDX stores 1 to 255 dimensions, got {array.ndim}")
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     payload = np.ascontiguousarray(array, dtype=IDX_DTYPES[code]).tobytes()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the file ({e.strerror or e}); check that "
+                        f"{path.parent} exists and is writable") from e
     try:
         with os.fdopen(fd, "wb") as f:
             if path.name.endswith(".gz"):
