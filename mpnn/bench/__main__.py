@@ -7,9 +7,10 @@ float32) on ``mpnn.train``'s synthetic dataset and prints, measured in one run:
   PyTorch on the CPU when it is installed, at each batch size, all with the
   same thread count. mpnn's figure is the step ``python -m mpnn.train`` runs,
   the gather of each batch's rows included, so it is the samples/s the
-  trainer reports (which also checks the parameters for NaN/inf after every
-  step: one sum, about 40 µs, 1% at batch 256); PyTorch gathers the same rows
-  the same way (see
+  trainer reports (the trainer also checks the parameters for NaN/inf after
+  every step, a sum of about 40 µs: its epochs ran about 3% below this figure
+  at batch 256 when measured side by side); PyTorch gathers the same rows the
+  same way (see
   ``mpnn.bench.runners`` for what each side includes). The backends take
   turns within every repeat; medians over repeats with their min–max range,
   warm-up (and numba's first compile) excluded;
