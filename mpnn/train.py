@@ -18,12 +18,25 @@ prints its message and aborts the whole job (``MPI.Abort``, status 1).
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+_early_interrupt = []  # a Ctrl-C that came while python -m mpnn.train was starting up
+
+
+def _remember_interrupt(*_):
+    _early_interrupt.append(True)
+
+
+if __name__ == "__main__":  # Ctrl-C while the imports below run: remembered (see main)
+    signal.signal(signal.SIGINT, _remember_interrupt)
+
 import argparse
 import contextlib
 import io
 import math
 import re
-import sys
 
 from .data import DATASETS
 from .kernels import BACKENDS
@@ -67,6 +80,8 @@ def _option_type(convert, accept, expected, unparsed=None):
 
 _positive_int = _option_type(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _option_type(int, lambda v: v >= 0, "an integer >= 0")
+_thread_count = _option_type(int, lambda v: 1 <= v <= 4096, "a thread count from 1 to 4096",
+                             unparsed="a positive integer")
 _nonneg_float = _option_type(float, lambda v: math.isfinite(v) and v >= 0,
                              "a finite number >= 0", unparsed="a number")
 
@@ -129,7 +144,7 @@ def build_parser():
     a("--bucket-mb", type=_nonneg_float, default=0.1,
       help="data parallel: overlap the gradient Allreduce with backward in buckets of "
            "this many MB (0 = one blocking Allreduce after backward)")
-    a("--threads", type=_positive_int, default=None,
+    a("--threads", type=_thread_count, default=None,
       help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
     a("--save", default=None, metavar="PATH", help="write the trained weights (.npz, no pickle)")
@@ -190,10 +205,13 @@ def parse_config(argv=None):
 def main(argv=None):
     """``python -m mpnn.train``: returns the exit status (0, 1 training failed,
     2 bad options or files, 130 interrupted)."""
-    from mpi4py import MPI
+    from mpi4py import MPI  # MPI_Init: every rank must get here, or the others would hang
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # KeyboardInterrupt from here on
     comm = MPI.COMM_WORLD  # a serial run is a world of one
     try:
+        if _early_interrupt:  # during the imports: now every rank can be told
+            raise KeyboardInterrupt
         return _main(comm, argv)
     except KeyboardInterrupt:  # Ctrl-C: mpirun passes it to every rank
         return interrupted(comm)
@@ -201,32 +219,50 @@ def main(argv=None):
 
 def _main(comm, argv):
     rank = comm.Get_rank()
+    held = []  # rank 0: the checkpoint directory's lock, released when the job ends
 
     def parse_and_validate():  # local checks only: no collective can be reached yet
-        with contextlib.redirect_stderr(sys.stderr if rank == 0 else io.StringIO()):
-            config = parse_config(argv)  # usage errors are printed by rank 0 only
+        quiet = io.StringIO()
+        with contextlib.redirect_stderr(sys.stderr if rank == 0 else quiet), \
+                contextlib.redirect_stdout(sys.stdout if rank == 0 else quiet):
+            config = parse_config(argv)  # usage errors and --help: printed by rank 0 only
         validate(config, comm.Get_size())
-        prepare_checkpoint_dir(config.checkpoint)
+        lock = prepare_checkpoint_dir(config.checkpoint, lock=rank == 0)
+        if lock is not None:
+            held.append(lock)
         return config
 
-    # Phase 1: everything before training, in two agreed steps, so every rank
-    # exits together with one message and status 2 when anything is wrong.
-    status, config = on_every_rank(comm, parse_and_validate)
-    if status is not None:
-        return status
-    status, run = on_every_rank(comm, lambda: setup(config, comm))  # collectives from here on
-    if status is not None:
-        return status
-    if rank == 0:
-        _banner(run)
-    # Phase 2: training. An exception on any rank aborts the whole job.
-    return abort_on_error(comm, lambda: train(run))
+    try:
+        # Phase 1: everything before training, in agreed steps, so every rank exits
+        # together with one message and status 2 when anything is wrong, rank 0's
+        # start-up lines included.
+        status, config = on_every_rank(comm, parse_and_validate)
+        if status is not None:
+            return status
+        status, run = on_every_rank(comm, lambda: setup(config, comm))  # collectives from here
+        if status is not None:
+            return status
+        status, _ = on_every_rank(comm, lambda: _banner(run, held) if rank == 0 else None)
+        if status is not None:
+            return status
+        # Phase 2: training. An exception on any rank aborts the whole job.
+        return abort_on_error(comm, lambda: train(run))
+    finally:
+        for lock in held:
+            lock.release()
 
 
-def _banner(run):
+def _banner(run, held=()):
     """Rank 0's start-up lines: what is trained where, and a resume's position."""
     config, data, model = run.config, run.data, run.model
     m, o, ck = config.model, config.optim, config.checkpoint
+    for lock in held:  # what taking the checkpoint directory cleaned up
+        if lock.stale:
+            print(f"mpnn: took over the lock of {ck.directory} from a run that is gone "
+                  f"({lock.stale})", file=sys.stderr, flush=True)
+        if getattr(lock, "removed", None):
+            print(f"mpnn: removed {len(lock.removed)} temporary file(s) of killed writers from "
+                  f"{ck.directory}: {', '.join(lock.removed)}", file=sys.stderr, flush=True)
     if not config.output.quiet:
         if run.thread_warning:
             print(run.thread_warning, file=sys.stderr)
@@ -254,5 +290,18 @@ def _banner(run):
               f"uninterrupted one exactly", file=sys.stderr, flush=True)
 
 
+def _run_as_command():
+    """``python -m mpnn.train``: Ctrl-C is status 130 without a traceback at any
+    moment, during the imports and the shutdown too (main() handles the rest). A
+    Ctrl-C during the imports is acted on once MPI is up: a rank that left before
+    MPI_Init would leave the others waiting there for ever."""
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before MPI was up: nothing to abort
+        status = 130
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # shutdown: MPI_Finalize, atexit
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _run_as_command()

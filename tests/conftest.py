@@ -9,9 +9,13 @@ Helpers (plain functions, also as fixtures of the same name):
     shared_dir(comm)             one temporary directory every rank of ``comm`` sees
     run_training(argv, comm)     build and train ``python -m mpnn.train argv`` on ``comm``
                                  (default: a world of one); returns (run, history)
+    train_cli(*argv, ranks=None) ``python -m mpnn.train`` in a subprocess (under mpirun
+                                 with ``ranks``); returns (exit status, stdout + stderr)
 """
 
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -56,10 +60,13 @@ def build_run(argv, comm=None):
     comm = comm if comm is not None else MPI.COMM_SELF
     config = parse_config([str(a) for a in argv])
     validate(config, comm.Get_size())
-    if comm.Get_rank() == 0:
-        prepare_checkpoint_dir(config.checkpoint)
+    lock = prepare_checkpoint_dir(config.checkpoint, lock=comm.Get_rank() == 0)
     comm.Barrier()
-    return setup(config, comm)
+    try:
+        return setup(config, comm)
+    finally:  # tests run one at a time in this process: no run holds the directory after
+        if lock is not None:
+            lock.release()
 
 
 def run_training(argv, comm=None):
@@ -68,6 +75,20 @@ def run_training(argv, comm=None):
 
     run = build_run(argv, comm)
     return run, train(run, log=lambda *a: None)
+
+
+MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+
+
+def train_cli(*argv, ranks=None, timeout=120, env=None):
+    """Run ``python -m mpnn.train argv`` (under mpirun with ``ranks``), one thread per
+    rank; returns (exit status, stdout + stderr)."""
+    cmd = [sys.executable, "-m", "mpnn.train", *map(str, argv)]
+    if ranks:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
+    return p.returncode, p.stdout + p.stderr
 
 
 @pytest.fixture(name="sub_world")

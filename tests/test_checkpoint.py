@@ -142,11 +142,18 @@ def test_weights_file_and_pickles_are_not_checkpoints(tmp_path):
         ck.read_checkpoint(str(evil))
 
 
+def valid_meta(step):
+    """A complete meta entry (read_checkpoint verifies every field)."""
+    config = {k: None for k in ck.STRICT + ck.LOOSE}
+    return {"step": step, "epoch": 1, "batch": step, "optimizer_t": step,
+            "epoch_loss_sum": 0.0, "config": config}
+
+
 def test_failed_write_leaves_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
     d = tmp_path / "ck"
     d.mkdir()
     good = d / "ckpt-000000005.npz"
-    ck.write_checkpoint(str(good), {"a": np.ones(3)}, {}, {"step": 5})
+    ck.write_checkpoint(str(good), {"a": np.ones(3)}, {}, valid_meta(5))
 
     def full_disk(f, **arrays):
         f.write(b"x" * 100)
@@ -154,7 +161,7 @@ def test_failed_write_leaves_previous_checkpoint_and_no_temporary(tmp_path, monk
 
     monkeypatch.setattr(ck.np, "savez", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        ck.write_checkpoint(str(d / "ckpt-000000010.npz"), {"a": np.ones(3)}, {}, {"step": 10})
+        ck.write_checkpoint(str(d / "ckpt-000000010.npz"), {"a": np.ones(3)}, {}, valid_meta(10))
     assert sorted(os.listdir(d)) == ["ckpt-000000005.npz"]
     assert ck.read_checkpoint(str(good)).meta["step"] == 5
 

@@ -14,20 +14,9 @@ from mpnn.runtime.loop import train
 from mpnn.runtime.weights import load_weights
 from mpnn.train import main
 
-from conftest import build_run, run_training
+from conftest import build_run, run_training, train_cli
 
 FAST = ["--dataset", "digits", "--hidden", "16", "--epochs", "1", "--quiet"]
-MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
-
-
-def cli(*argv, ranks=None, timeout=120):
-    """Run ``python -m mpnn.train`` (under mpirun with ``ranks``); return (rc, stderr)."""
-    cmd = [sys.executable, "-m", "mpnn.train", *argv]
-    if ranks:
-        cmd = [MPIRUN, "-n", str(ranks), *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    return p.returncode, p.stdout + p.stderr
 
 
 def test_save_writes_named_layers_and_init_reads_them(tmp_path):
@@ -106,12 +95,12 @@ def test_digits_default_settings_reach_096():
     (["--nesterov", "--optimizer", "adam"], "--nesterov needs --optimizer sgd"),
 ])
 def test_bad_options_are_clear_errors(argv, message):
-    rc, out = cli(*argv)
+    rc, out = train_cli(*argv)
     assert rc == 2 and message in out, out
 
 
 def test_errors_end_every_rank_under_mpirun():
-    rc, out = cli("--dataset", "digits", "--batch-size", "1", ranks=2, timeout=60)
+    rc, out = train_cli("--dataset", "digits", "--batch-size", "1", ranks=2, timeout=60)
     assert rc != 0
     assert out.count("--batch-size 1 is smaller than the 2 ranks") == 1, out
 
@@ -149,3 +138,29 @@ def test_setup_compiles_every_kernel_the_run_calls(extra):
     p = subprocess.run([sys.executable, "-c", WARM_UP_CHECK, *argv], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_init_reads_a_checkpoints_weights(tmp_path):
+    # the resume refusal tells users to start a new run from a checkpoint's weights
+    # with --init: it reads the weights (checksum verified), not the optimizer state
+    d = tmp_path / "ck"
+    assert main(FAST + ["--checkpoint-dir", str(d)]) == 0
+    path = d / "ckpt-000000023.npz"
+    model = build_run(FAST + ["--init", str(path)]).model
+    with np.load(path, allow_pickle=False) as z:
+        for name, value in model.state_dict().items():
+            np.testing.assert_array_equal(value, z[name])
+    corrupt = tmp_path / "corrupt.npz"
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["layers.0.bias"] = arrays["layers.0.bias"] + 1  # the checksum no longer matches
+    np.savez(corrupt, **arrays)
+    assert main(FAST + ["--init", str(corrupt)]) == 2
+
+
+def test_init_values_beyond_the_run_dtype_are_refused():
+    m = MLP([3, 2], dtype=np.float32)
+    state = {k: v.astype(np.float64) for k, v in m.state_dict().items()}
+    state["layers.0.weight"][1, 1] = 1e300  # finite in the file, inf in float32
+    with pytest.raises(ValueError, match="holds values too large for float32"):
+        m.load_state_dict(state, source="--init w.npz")

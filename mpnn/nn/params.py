@@ -109,8 +109,15 @@ class FlatParams:
                 raise ValueError(f"{source}: {name} holds {a.dtype} values, not real numbers")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise ValueError(f"{source}: {name} holds NaN or infinite values")
-            view[...] = (a.astype(self.dtype) if isinstance(view, np.ndarray)
-                         else _to_device(view, a))
+            with np.errstate(over="ignore"):  # checked just below
+                cast = a.astype(self.dtype)  # the values the run will hold
+            if not np.isfinite(cast).all():
+                big = float(np.max(np.abs(a.astype(np.float64))))
+                raise ValueError(f"{source}: {name} holds values too large for {self.dtype} "
+                                 f"(largest magnitude {big:.3g}; {self.dtype} ends at "
+                                 f"{float(np.finfo(self.dtype).max):.3g}): they would be "
+                                 f"infinite; rescale them or train in float64 (--dtype)")
+            view[...] = cast if isinstance(view, np.ndarray) else _to_device(view, cast)
 
 
 def _to_host(a):

@@ -24,8 +24,10 @@ parameter server) is a new class here, not a branch in the loop.
                         ...) as host arrays, complete on world rank 0 ({} where
                         a rank holds none). Collective over the engine's ranks.
     activations() -> dict | None
-                        layer -> its output in the last forward (for the
-                        non-finite guard to name the layer), None if not kept
+                        layer -> its output (B, O) in the last step, or a list
+                        of them (one per micro-batch), for the non-finite guard
+                        to name the layer; None if not kept. Asked for only
+                        when the guard has found a NaN/inf.
     epoch_metrics() -> dict
                         extra per-epoch figures (a pipeline's per-stage busy and
                         idle seconds, its measured bubble); collective over the

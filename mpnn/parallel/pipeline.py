@@ -320,8 +320,14 @@ class PipelineEngine:
         return {name: v.copy() for name, v in views.items()}
 
     def activations(self):
-        """Not kept per micro-batch yet: the non-finite guard names no layer."""
-        return None
+        """Layer -> this stage's outputs of that layer in the last step, one (B, O)
+        array per micro-batch context (each holds the last forward it ran), for the
+        non-finite guard to name the layer where a NaN first appears."""
+        outputs = {}
+        for mb in self._free:
+            for i, a in mb.ctx.outputs.items():
+                outputs.setdefault(i, []).append(a)
+        return outputs
 
     def describe(self):
         """The start-up line: grid, schedule, micro-batches, layers per stage."""

@@ -11,7 +11,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import time
+
+ABORT_GRACE_S = 0.2  # seconds between the last error line and MPI_Abort
 
 
 def on_every_rank(comm, step, prog="mpnn.train"):
@@ -27,6 +32,9 @@ def on_every_rank(comm, step, prog="mpnn.train"):
         result = step()
     except SystemExit as e:  # argparse already printed usage and the problem
         error = e.code or 0
+    except UnicodeError as e:  # a name the output's encoding cannot show
+        error = (f"{type(e).__name__}: {e} (a file name that this output's encoding cannot "
+                 f"show: set PYTHONIOENCODING=utf-8:surrogateescape, or rename the file)")
     except Exception as e:  # noqa: BLE001 - reported to the user, then exit
         error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, OSError)) else str(e)
     errors = comm.allgather(error) if comm.Get_size() > 1 else [error]
@@ -52,18 +60,37 @@ def abort_on_error(comm, run, prog="mpnn.train"):
     try:
         run()
     except Exception as e:  # noqa: BLE001
-        print(f"{prog}: error on rank {comm.Get_rank()}: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
+        say(f"{prog}: error on rank {comm.Get_rank()}: {type(e).__name__}: {e}")
         if comm.Get_size() > 1:
+            time.sleep(ABORT_GRACE_S)  # let mpirun's proxy forward the line before the kill
             comm.Abort(1)
         return 1
     return 0
 
 
+def say(line):
+    """Write one line to stderr at once, whole, past Python's buffers: the job may be
+    killed right after (MPI_Abort), memory may be short (MemoryError), and another
+    rank's line must not run into this one."""
+    text = line.rstrip("\n") + "\n"
+    if sys.stderr is not sys.__stderr__:  # redirected (a test capturing it): write there
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    data = text.encode(errors="backslashreplace")
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        while data:
+            data = data[os.write(2, data):]
+    except OSError:
+        pass
+
+
 def interrupted(comm, prog="mpnn.train"):
     """After Ctrl-C (mpirun passes it to every rank): say so and end every rank, 130."""
-    print(f"{prog}: interrupted on rank {comm.Get_rank()}; ending the job (checkpoints "
-          f"already written stay)", file=sys.stderr, flush=True)
+    say(f"{prog}: interrupted on rank {comm.Get_rank()}; ending the job (checkpoints "
+        f"already written stay)")
     if comm.Get_size() > 1:
         comm.Abort(130)  # a rank waiting in a collective would never hear of it
     return 130

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -49,10 +50,12 @@ import numpy as np
 
 from ..nn.params import Layout
 from ..parallel.gather import gather_whole
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temps
+from .lock import LockError, take_lock
 
 FORMAT, VERSION = "mpnn-checkpoint", 1
 NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+MAX_STEP = 10**9 - 1  # the names hold 9 digits
 # settings whose change makes the saved state meaningless for this run
 STRICT = ("sizes", "activation", "loss", "optimizer", "dtype", "dataset")
 # settings whose change only makes the resumed run differ from the uninterrupted one
@@ -80,15 +83,22 @@ def check_checkpoint_config(cfg, init=None):
                               "(the newest checkpoint there is used)")
     if cfg.resume and init:
         raise CheckpointError("--resume and --init both set the starting weights; use one")
+    for option, value in (("--checkpoint-dir", cfg.directory), ("--resume", cfg.resume)):
+        if value == "":
+            what = "directory" if option == "--checkpoint-dir" else "file"
+            raise CheckpointError(f"{option} '': give a {what}")
     if cfg.resume and cfg.resume != "latest" and not os.path.isfile(cfg.resume):
         raise CheckpointError(f"--resume {cfg.resume}: no such file")
 
 
-def prepare_checkpoint_dir(cfg):
-    """Create the checkpoint directory and prove it writable before any training;
-    a new run (no ``--resume``) refuses one that already holds checkpoints."""
+def prepare_checkpoint_dir(cfg, lock=True):
+    """Create the checkpoint directory and prove it writable before any training,
+    take its lock (``runtime.lock``: one run per directory) and remove the
+    temporary files of writers that were killed; a new run (no ``--resume``)
+    refuses a directory that already holds checkpoints. Returns the lock (None
+    without a directory, or with ``lock=False``: ranks other than 0)."""
     if not cfg.directory:
-        return
+        return None
     d = cfg.directory
     try:
         os.makedirs(d, exist_ok=True)
@@ -97,12 +107,23 @@ def prepare_checkpoint_dir(cfg):
     except OSError as e:
         raise CheckpointError(f"--checkpoint-dir {d}: cannot write there "
                               f"({e.strerror or e})") from None
+    taken = None
+    if lock:
+        try:
+            taken = take_lock(d)
+        except LockError as e:
+            raise CheckpointError(str(e)) from None
     earlier = list_checkpoints(d)
     if earlier and not cfg.resume:  # a new run there would prune its own files by step
+        if taken is not None:
+            taken.release()
         raise CheckpointError(
             f"--checkpoint-dir {d} already holds {len(earlier)} checkpoint(s) of an earlier "
             f"run (newest {os.path.basename(earlier[-1])}): add --resume to continue that "
             f"run, or give a new run an empty directory")
+    if taken is not None:
+        taken.removed = remove_stale_temps(d)  # (the lock rules out a live writer here)
+    return taken
 
 
 # ------------------------------------------------------------ file format
@@ -216,44 +237,37 @@ def read_checkpoint(path):
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise refuse(f"format {meta.get('format')!r} version {meta.get('version')!r}, "
                      f"this mpnn reads {FORMAT!r} version {VERSION}")
+    problem = _meta_problem(meta)
+    if problem:
+        raise refuse(f"{problem}; the file was not written by mpnn (or by another version): "
+                     f"resume from another checkpoint")
     optim = {k[len("optim."):]: v for k, v in arrays.items() if k.startswith("optim.")}
     params = {k: v for k, v in arrays.items() if not k.startswith("optim.")}
     return Checkpoint(path, params, optim, meta)
 
 
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def compare_config(saved, current, path):
-    """CheckpointError for a different architecture, loss, optimizer, dtype or data;
-    the list of other settings that differ (the resumed run then is not exact)."""
-    def show(name, value):
-        if name == "sizes":
-            return "-".join(map(str, value))
-        return "default" if value is None else str(value)
-
-    strict = [n for n in STRICT if saved.get(n) != current[n]]
-    if strict:
-        diffs = "; ".join(f"{'layer sizes' if n == 'sizes' else _flag(n)} "
-                          f"{show(n, saved.get(n))} in the checkpoint, "
-                          f"{show(n, current[n])} in this run" for n in strict)
-        kind = "a different architecture" if {"sizes", "activation"} & set(strict) \
-            else "a different configuration"
-        raise CheckpointError(f"checkpoint {path}: saved for {kind}: {diffs}. Resume with the "
-                              f"options it was saved with, or start a new run from its weights "
-                              f"with --init")
-    return [f"{_flag(n)} {show(n, saved.get(n))} -> {show(n, current[n])}"
-            for n in LOOSE if saved.get(n) != current[n]]
+def _meta_problem(meta):
+    """What is wrong with a checkpoint's meta entry, or None."""
+    def whole(name, low):
+        v = meta.get(name)
+        return isinstance(v, int) and not isinstance(v, bool) and low <= v
+    checks = [("step", whole("step", 0) and meta["step"] <= MAX_STEP,
+               f"an integer from 0 to {MAX_STEP}"),
+              ("epoch", whole("epoch", 1), "an integer >= 1"),
+              ("batch", whole("batch", 0), "an integer >= 0"),
+              ("optimizer_t", whole("optimizer_t", 0), "an integer >= 0"),
+              ("epoch_loss_sum", isinstance(meta.get("epoch_loss_sum"), (int, float))
+               and math.isfinite(meta["epoch_loss_sum"]), "a finite number"),
+              ("config", isinstance(meta.get("config"), dict)
+               and all(k in meta["config"] for k in STRICT + LOOSE), "the run's settings")]
+    for name, ok, expected in checks:
+        if not ok:
+            got = "missing" if name not in meta else f"{meta[name]!r}"
+            return f"meta.{name} is {got}, expected {expected}"
+    return None
 
 
 # ------------------------------------------------------------- save, resume
-
-
-def _stage_span(sizes, layers):
-    """(start, stop) of a stage's layers inside the whole model's flat layout."""
-    full = Layout(sizes)
-    return full.layer_span(layers.start)[0], full.layer_span(layers.stop - 1)[1]
 
 
 def _sum_loss(comm, value):
@@ -306,6 +320,9 @@ class Checkpointer:
         meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch),
                 "optimizer_t": int(opt.t), "epoch_loss_sum": total_loss, "config": self.config,
                 "grid": {"dp": self.grid.dp, "pp": self.grid.pp}}
+        if step > MAX_STEP:
+            raise CheckpointError(f"step {step}: checkpoint names hold 9 digits, so steps end at "
+                                  f"{MAX_STEP}; checkpoint less often (--checkpoint-every)")
         path = checkpoint_path(self.directory, step)
         if self.rank != 0:
             self.last_saved = path
@@ -335,71 +352,3 @@ class Checkpointer:
         if whole is None:
             return None, None
         return whole.pop("params"), whole
-
-
-@dataclass
-class Resume:
-    """Where a resumed run starts: the loaded checkpoint and its position."""
-
-    checkpoint: Checkpoint
-    warnings: list
-
-    @property
-    def path(self):
-        return self.checkpoint.path
-
-    @property
-    def step(self):
-        return self.checkpoint.meta["step"]
-
-    @property
-    def epoch(self):
-        return self.checkpoint.meta["epoch"]
-
-    @property
-    def batch(self):
-        return self.checkpoint.meta["batch"]
-
-    @property
-    def epoch_loss_sum(self):
-        return self.checkpoint.meta["epoch_loss_sum"]
-
-    def restore_optimizer(self, opt, model):
-        """Copy this stage's slice of the saved optimizer state into ``opt``."""
-        state = opt.state()
-        saved = self.checkpoint.optim
-        if set(state) != set(saved):
-            raise CheckpointError(
-                f"checkpoint {self.path}: optimizer state {sorted(saved) or 'none'}, but this "
-                f"run's optimizer keeps {sorted(state) or 'none'} (--momentum 0 keeps none)")
-        lo, hi = _stage_span(model.sizes, model.layers)
-        for name, arr in state.items():
-            arr[...] = model.ops.to_device(saved[name][lo:hi].astype(arr.dtype, copy=False))
-        opt.t = int(self.checkpoint.meta["optimizer_t"])
-
-
-def load_resume(config, model):
-    """The checkpoint to resume from, verified against this run and loaded into
-    ``model`` (this stage's layers); None when there is nothing to resume.
-
-    Called on every rank before the first collective, so a refused file ends
-    the job with one message."""
-    cfg = config.checkpoint
-    if not cfg.resume:
-        return None
-    path = latest_checkpoint(cfg.directory) if cfg.resume == "latest" else cfg.resume
-    if path is None:
-        return None
-    ckpt = read_checkpoint(path)
-    warnings = compare_config(ckpt.config, config_of(config, model.sizes), path)
-    full = Layout(model.sizes)
-    for name, slot in full.slots.items():
-        if name not in ckpt.params or ckpt.params[name].shape != slot.shape:
-            raise CheckpointError(f"checkpoint {path}: {name} missing or of the wrong shape "
-                                  f"for layer sizes {'-'.join(map(str, model.sizes))}")
-    for name, arr in ckpt.optim.items():
-        if arr.shape != (full.numel,):
-            raise CheckpointError(f"checkpoint {path}: optimizer state {name} has shape "
-                                  f"{arr.shape}, expected ({full.numel},)")
-    model.load_state_dict(ckpt.params, source=f"checkpoint {path}")
-    return Resume(ckpt, warnings)

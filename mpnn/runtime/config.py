@@ -155,7 +155,7 @@ def validate(config, world_size):
     if d.data_dir is not None and not os.path.isdir(d.data_dir):
         raise ConfigError(f"--data-dir {d.data_dir}: no such directory (it should hold the "
                           f"IDX files, or <dataset>/ with them)")
-    if m.init and not os.path.isfile(m.init):
+    if m.init is not None and not os.path.isfile(m.init):
         raise ConfigError(f"--init {m.init}: no such file")
     from .checkpoint import CheckpointError, check_checkpoint_config
 
@@ -178,7 +178,7 @@ def _check_outputs(out):
 
     for option, path in (("--save", out.save), ("--metrics", out.metrics),
                          ("--trace", out.trace), ("--plot", out.plot)):
-        if not path:
+        if path is None:
             continue
         try:
             check_output_file(option, path)

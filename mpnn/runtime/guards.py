@@ -26,8 +26,8 @@ def _non_finite(model, tensors):
 
 
 def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None,
-                 activations=None):
-    """Raise NonFiniteError when this rank's loss, gradient or parameters are not finite.
+                 activations=None, comm=None):
+    """Raise NonFiniteError when the loss, a gradient or the parameters are not finite.
 
     Called after each optimizer step and before any checkpoint, so a bad state is
     never written. The fast path is one sum over the flat parameter buffer (a NaN
@@ -35,37 +35,101 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     it is not finite are the layers inspected: gradients first (the optimizer
     leaves them in place), naming the last layer in layer order first, since
     backward reaches it first; else the update itself overflowed. A non-finite
-    loss is traced to the first layer whose output (``activations``: layer ->
-    (B, O) array of the step's forward, when the engine keeps them) is not finite.
+    loss is traced to the first layer whose output is not finite
+    (``activations``: layer -> (B, O) array, or arrays, of the step's forward, or
+    a callable returning them, asked for only then).
+
+    comm: the ranks that compute one forward/backward pass together (a
+    pipeline's stages; default this rank alone). They agree on the verdict with
+    one small Allreduce per step; on a failure the rank holding the layer named
+    raises, as a serial run would name it, and the others wait for the abort.
     """
     xp = model.ops.xp
     loss_ok = math.isfinite(loss_sum)
     with np.errstate(over="ignore", invalid="ignore"):  # inf - inf in the sum is the signal
         total = float(xp.sum(model.flat.data))
-    if loss_ok and math.isfinite(total):
+    together = comm is not None and comm.Get_size() > 1
+    failed = not (loss_ok and math.isfinite(total))
+    if together:
+        failed = _any(comm, failed)
+    if not failed:
+        return
+    acts = activations() if callable(activations) else activations
+    first = next((i for i in sorted(acts or {}) if not _all_finite(xp, acts[i])), None)
+    bad_grads = _non_finite(model, model.flat.grads)
+    bad_params = _non_finite(model, model.flat.params)
+    mine = [not loss_ok, loss_sum if not loss_ok else 0.0, rank,
+            BIG if first is None else first, _top_layer(bad_grads), float(bool(bad_params))]
+    every = _gather_rows(comm, mine) if together else [mine]
+    reporter, loss_sum, first = _reporter(every)
+    if reporter is None:
+        return  # the sum overflowed with finite entries: nothing is wrong
+    if reporter != rank:
+        comm.Barrier()  # the reporter never joins: this rank waits for its MPI_Abort
         return
     where = f"at step {step} (epoch {epoch}, batch {batch}) on rank {rank}"
     keep = (f"the last good checkpoint {last_checkpoint} was not overwritten"
             if last_checkpoint else "no checkpoint was written")
     hint = "lower --lr, or check the data for NaN/inf"
-    if not loss_ok:
-        first = next((i for i in sorted(activations or {})
-                      if not bool(xp.isfinite(activations[i]).all())), None)
+    if any(row[0] for row in every):
         origin = (f"it first appears in the output of layer {first} (layers.{first}.weight/bias)"
                   if first is not None else "the forward pass overflowed or the data holds NaN/inf")
         raise NonFiniteError(f"training loss is {loss_sum} {where}, from finite parameters: "
                              f"{origin}; {keep}; {hint}")
-    bad = _non_finite(model, model.flat.grads)
-    if bad:
-        also = f" (also {', '.join(bad[1:])})" if len(bad) > 1 else ""
-        raise NonFiniteError(f"non-finite gradient {where}: first in {bad[0]}{also}, the layer "
-                             f"backward reaches first; {keep}; {hint}")
-    bad = _non_finite(model, model.flat.params)
-    if bad:
-        raise NonFiniteError(f"non-finite parameters after the optimizer step {where}: "
-                             f"{', '.join(bad)} (the update overflowed {model.dtype}); {keep}; "
-                             f"{hint}")
-    # the sum overflowed with finite entries: nothing is wrong
+    if bad_grads:
+        also = f" (also {', '.join(bad_grads[1:])})" if len(bad_grads) > 1 else ""
+        raise NonFiniteError(f"non-finite gradient {where}: first in {bad_grads[0]}{also}, the "
+                             f"layer backward reaches first; {keep}; {hint}")
+    raise NonFiniteError(f"non-finite parameters after the optimizer step {where}: "
+                         f"{', '.join(bad_params)} (the update overflowed {model.dtype}); "
+                         f"{keep}; {hint}")
+
+
+BIG = 2**31  # "no such layer" in the gathered verdicts
+
+
+def _all_finite(xp, arrays):
+    arrays = arrays if isinstance(arrays, (list, tuple)) else (arrays,)
+    return all(bool(xp.isfinite(a).all()) for a in arrays)
+
+
+def _top_layer(names):
+    """The highest layer index among ``layers.{i}.*`` names (-1 for none)."""
+    return max((int(n.split(".")[1]) for n in names), default=-1)
+
+
+def _any(comm, flag):
+    from mpi4py import MPI
+
+    buf = np.array([1 if flag else 0], dtype=np.int32)
+    comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return bool(buf[0])
+
+
+def _gather_rows(comm, row):
+    buf = np.array(row, dtype=np.float64)
+    every = np.empty((comm.Get_size(), buf.size), dtype=np.float64)
+    comm.Allgather(buf, every)
+    return [[bool(r[0]), float(r[1]), int(r[2]), int(r[3]), int(r[4]), bool(r[5])]
+            for r in every]
+
+
+def _reporter(every):
+    """(world rank that reports, the loss, the first bad layer) from every rank's
+    [loss bad, loss, rank, first bad output layer, top bad-gradient layer, bad params]:
+    the serial run's order of blame: the loss (traced to the first layer whose output
+    is bad), else the gradient backward reaches first, else the parameters."""
+    losses = [r for r in every if r[0]]
+    if losses:
+        first = min(r[3] for r in every)
+        if first < BIG:
+            return next(r[2] for r in every if r[3] == first), losses[0][1], first
+        return losses[0][2], losses[0][1], None
+    grads = [r for r in every if r[4] >= 0]
+    if grads:
+        return max(grads, key=lambda r: r[4])[2], 0.0, None
+    params = [r for r in every if r[5]]
+    return (params[0][2], 0.0, None) if params else (None, 0.0, None)
 
 
 def check_replicas_agree(comm, flat, when=None):

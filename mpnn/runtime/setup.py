@@ -23,8 +23,8 @@ from ..parallel.data_parallel import DataParallelEngine
 from ..parallel.grid import GridError, make_grid
 from ..parallel.partition import partition_layers
 from ..parallel.pipeline import PipelineEngine
-from .checkpoint import load_resume
 from .config import ConfigError, resolve_backend
+from .resume import load_resume
 from .threads import configure_threads
 from .trace import NULL_TRACER, make_tracer
 from .weights import load_weights
