@@ -54,7 +54,7 @@ from .kernels.numpy_ops import NumpyOps
 from .nn import functional as F
 from .nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
 from .nn.model import MLP, Context
-from .train import _option_type
+from .runtime.options import nonneg_int, option_type
 
 DTYPE = np.float64
 EPS = 1e-6
@@ -547,7 +547,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-_eps = _option_type(
+_eps = option_type(
     float, lambda v: EPS_RANGE[0] <= v <= EPS_RANGE[1],
     f"a step in [{EPS_RANGE[0]:g}, {EPS_RANGE[1]:g}]: central differences in float64 err by "
     f"~eps² (truncation, too large above {EPS_RANGE[1]:g}) plus ~2^-53·|f|/eps (round-off, "
@@ -560,7 +560,7 @@ def main(argv=None):
         description="Check every layer, loss and the whole model against central finite "
                     "differences in float64, and the float32 kernels against the float64 "
                     "reference; exit 1 if any tensor exceeds its tolerance.")
-    p.add_argument("--seed", type=_option_type(int, lambda v: v >= 0, "an integer >= 0"),
+    p.add_argument("--seed", type=nonneg_int,
                    default=0, help="seed of the random inputs (default 0)")
     p.add_argument("--backend", default="numpy", choices=BACKENDS,
                    help="op set the model runs on (default numpy, the reference; then the "

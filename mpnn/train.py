@@ -35,7 +35,6 @@ if __name__ == "__main__":  # Ctrl-C while the imports below run: remembered (se
 import argparse
 import contextlib
 import io
-import math
 import re
 
 from .data import DATASETS
@@ -57,33 +56,14 @@ from .runtime.config import (
     validate,
 )
 from .runtime.loop import train
+from .runtime.options import nonneg_float, nonneg_int, option_type, positive_int
 from .runtime.setup import setup
 
 # ------------------------------------------------------------------ option types
 
 
-def _option_type(convert, accept, expected, unparsed=None):
-    """An argparse type: ``convert(text)``, then ``accept(value)``, else an error
-    saying what was expected (``unparsed``: when the text does not convert)."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {unparsed or expected}, "
-                                             f"got {text!r}") from None
-        if not accept(value):
-            shown = text if convert is float else value
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {shown}")
-        return value
-    return parse
-
-
-_positive_int = _option_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _option_type(int, lambda v: v >= 0, "an integer >= 0")
-_thread_count = _option_type(int, lambda v: 1 <= v <= 4096, "a thread count from 1 to 4096",
-                             unparsed="a positive integer")
-_nonneg_float = _option_type(float, lambda v: math.isfinite(v) and v >= 0,
-                             "a finite number >= 0", unparsed="a number")
+_thread_count = option_type(int, lambda v: 1 <= v <= 4096, "a thread count from 1 to 4096",
+                            unparsed="a positive integer")
 
 
 def _hidden_sizes(text):
@@ -128,20 +108,20 @@ def build_parser():
     a("--activation", default="relu", choices=HIDDEN_ACTIVATIONS)
     a("--loss", default="cross_entropy", choices=LOSS_NAMES)
     a("--optimizer", default="adam", choices=OPTIMIZERS)
-    a("--lr", type=_nonneg_float, default=None, help="learning rate (default: adam 1e-3, sgd 0.05)")
+    a("--lr", type=nonneg_float, default=None, help="learning rate (default: adam 1e-3, sgd 0.05)")
     a("--lr-schedule", default="cosine", choices=LR_SCHEDULES,
       help="cosine decays the rate to 0 over the run (default)")
-    a("--momentum", type=_nonneg_float, default=0.9, help="SGD momentum (0 = plain SGD)")
+    a("--momentum", type=nonneg_float, default=0.9, help="SGD momentum (0 = plain SGD)")
     a("--nesterov", action="store_true", help="Nesterov momentum for SGD")
-    a("--weight-decay", type=_nonneg_float, default=0.0,
+    a("--weight-decay", type=nonneg_float, default=0.0,
       help="L2 for SGD, decoupled (AdamW) for adam")
-    a("--epochs", type=_positive_int, default=10)
-    a("--batch-size", type=_positive_int, default=64, help="global batch size over all replicas")
-    a("--seed", type=_nonneg_int, default=0)
+    a("--epochs", type=positive_int, default=10)
+    a("--batch-size", type=positive_int, default=64, help="global batch size over all replicas")
+    a("--seed", type=nonneg_int, default=0)
     a("--dtype", default="float32", choices=("float32", "float64"))
     a("--backend", default="auto", choices=BACKENDS,
       help="kernel implementation (default auto: cupy when a GPU is usable, else numba)")
-    a("--bucket-mb", type=_nonneg_float, default=0.1,
+    a("--bucket-mb", type=nonneg_float, default=0.1,
       help="data parallel: overlap the gradient Allreduce with backward in buckets of "
            "this many MB (0 = one blocking Allreduce after backward)")
     a("--threads", type=_thread_count, default=None,
