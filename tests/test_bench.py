@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from mpnn.bench import dp_worker, measure, report, runners
 from mpnn.bench.__main__ import main, ratio_pairs
@@ -92,11 +93,11 @@ def test_configure_threads_sets_torchs_pool():
 
     before = torch.get_num_threads()
     try:
-        assert configure_threads(None, 1, torch=True)[0] == 1
+        assert configure_threads(MPI.COMM_SELF, 1, torch=True)[0] == 1
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-        configure_threads(None)
+        configure_threads(MPI.COMM_SELF)
 
 
 def test_ratio_pairs():

@@ -2,7 +2,7 @@
 
     mpirun -n 4 python -m pytest --with-mpi -m mpi tests/test_gather_mpi.py
 
-The serial test (a grid of one) runs without MPI's launcher.
+The grid of one is tested in ``test_gather.py``.
 """
 
 import numpy as np
@@ -11,15 +11,7 @@ import pytest
 from mpnn.parallel.gather import gather_whole
 from mpnn.parallel.grid import make_grid
 
-
-def _first(ranks):
-    """A communicator of the first ``ranks`` world ranks (None on the others)."""
-    from mpi4py import MPI
-
-    world = MPI.COMM_WORLD
-    inside = world.Get_rank() < ranks
-    sub = world.Split(0 if inside else MPI.UNDEFINED, world.Get_rank())
-    return sub if inside else None
+from conftest import sub_world
 
 
 def _stage_arrays(dp_rank, pp_rank):
@@ -30,16 +22,6 @@ def _stage_arrays(dp_rank, pp_rank):
     return {"params": params, "m": params.astype(np.float32) / 2}
 
 
-def test_grid_of_one_returns_the_arrays():
-    from mpi4py import MPI
-
-    grid = make_grid(MPI.COMM_SELF)
-    arrays = _stage_arrays(0, 0)
-    whole = gather_whole(grid, arrays)
-    assert list(whole) == ["params", "m"]
-    assert all(whole[k] is arrays[k] for k in arrays)
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dp,pp", [(1, 2), (2, 2), (1, 4)])
 def test_whole_model_on_world_rank_0(dp, pp):
@@ -47,7 +29,7 @@ def test_whole_model_on_world_rank_0(dp, pp):
 
     if dp * pp > MPI.COMM_WORLD.Get_size():
         pytest.skip(f"needs {dp * pp} ranks")
-    comm = _first(dp * pp)
+    comm = sub_world(dp * pp)
     if comm is None:
         return
     grid = make_grid(comm, dp, pp)

@@ -4,6 +4,7 @@ oversubscription warning."""
 from __future__ import annotations
 
 import pytest
+from mpi4py import MPI
 
 from mpnn.runtime.threads import (
     available_cores,
@@ -42,9 +43,9 @@ def test_warning_when_ranks_alone_exceed_the_cores():
 def test_configure_threads_serial_default_and_override():
     from threadpoolctl import threadpool_info
 
-    n, warning = configure_threads(None)
+    n, warning = configure_threads(MPI.COMM_SELF)
     assert n == threads_per_rank(available_cores(), 1) and warning is None
-    n, warning = configure_threads(None, threads=1)
+    n, warning = configure_threads(MPI.COMM_SELF, threads=1)
     assert n == 1 and warning is None
     assert all(i["num_threads"] == 1 for i in threadpool_info() if i.get("user_api") == "blas")
-    configure_threads(None)  # leave the default for the other tests
+    configure_threads(MPI.COMM_SELF)  # leave the default for the other tests

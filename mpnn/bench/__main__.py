@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 
+from mpi4py import MPI
+
 from ..runtime.threads import configure_threads
 from . import report as out
 from .dp_worker import dp_threads, launch
@@ -94,7 +96,8 @@ def main(argv=None):
     args = parse_args(argv)
     batches = args.batches
     backends = available_backends(args.backends)
-    configure_threads(None, args.threads, torch=any(b.startswith("torch") for b in backends))
+    with_torch = any(b.startswith("torch") for b in backends)
+    configure_threads(MPI.COMM_SELF, args.threads, torch=with_torch)
     data = bench_data(args.rows)
     out.header(args.threads, args.repeats, backends, data.x_train.shape[0])
     report = {"threads": args.threads, "repeats": args.repeats, "sizes": list(SIZES),

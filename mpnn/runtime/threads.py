@@ -21,7 +21,7 @@ def available_cores():
 
 def ranks_on_node(comm):
     """How many ranks of ``comm`` share this node (1 without MPI)."""
-    if comm is None or comm.Get_size() == 1:
+    if comm.Get_size() == 1:
         return 1
     from mpi4py import MPI
 
@@ -47,7 +47,7 @@ def oversubscription_warning(cores, ranks, threads):
             f"{ranks * threads} threads on {cores} cores; expect a large slowdown ({fix})")
 
 
-def configure_threads(comm=None, threads=None, *, torch=False):
+def configure_threads(comm, threads=None, *, torch=False):
     """Limit BLAS (threadpoolctl) and numba to ``threads`` (default: this rank's
     share of the node's cores); with ``torch=True`` also PyTorch's intra-op pool
     (imported first, so its OpenMP runtime is limited too), for a side-by-side
