@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .parallel.pipeline_ir import SCHEDULES, Kind, analytic_bubble, format_actions, make_schedule
+from .parallel.pipeline_ir import Kind, format_actions
+from .parallel.pipeline_orders import SCHEDULES, analytic_bubble, make_schedule
 from .parallel.simulator import simulate, timeline
 
 

@@ -41,7 +41,7 @@ from .data import DATASETS
 from .kernels import BACKENDS
 from .nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
 from .nn.optim import LR_SCHEDULES, OPTIMIZERS
-from .parallel.pipeline_ir import SCHEDULES
+from .parallel.pipeline_orders import SCHEDULES
 from .runtime.agree import abort_on_error, interrupted, on_every_rank
 from .runtime.checkpoint import prepare_checkpoint_dir
 from .runtime.config import (

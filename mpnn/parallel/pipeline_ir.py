@@ -1,16 +1,23 @@
 """The pipeline IR: actions, the compute order of each schedule, and the pass that adds messages.
 
-A pipeline step of ``m`` micro-batches over ``p`` stages is, for every stage,
-a list of ``Action(kind, mb)``. The kind says what the stage does; the printed
-form is the kind's letters followed by the micro-batch::
+A pipeline step of ``m`` micro-batches over ``p`` ranks is, for every rank,
+a list of ``Action(kind, mb, chunk)``. The kind says what the rank does; the
+printed form is the kind's letters followed by the micro-batch, and by
+``.c`` for model chunk c > 0 (interleaved schedules)::
 
     F3    FORWARD     run this stage's layers on micro-batch 3
-    B3    BACKWARD    backprop micro-batch 3 through this stage
-    SA3   SEND_ACT    send micro-batch 3's output activations to stage s+1
-    RA3   RECV_ACT    receive micro-batch 3's input activations from stage s-1
-    SG3   SEND_GRAD   send dL/d(input) of micro-batch 3 to stage s-1
-    RG3   RECV_GRAD   receive dL/d(output) of micro-batch 3 from stage s+1
+    B3    BACKWARD    backprop micro-batch 3 through this stage (dL/d(input) and,
+                      unless a W of micro-batch 3 follows, the weight gradients)
+    W3    WEIGHT      the weight gradients of micro-batch 3 (zero-bubble schedules)
+    SA3   SEND_ACT    send micro-batch 3's output activations to the next stage
+    RA3   RECV_ACT    receive micro-batch 3's input activations from the previous stage
+    SG3   SEND_GRAD   send dL/d(input) of micro-batch 3 to the previous stage
+    RG3   RECV_GRAD   receive dL/d(output) of micro-batch 3 from the next stage
     STEP  STEP        gradients are final: sum them across replicas
+    F3.1              the forward of micro-batch 3 through this rank's chunk 1
+
+The model is cut into ``p·V`` stages; stage ``g`` sits on rank ``g mod p`` as
+its chunk ``g div p`` (``Pipe``). With V = 1 a rank is a stage.
 
 How a schedule becomes messages, in three steps:
 
@@ -53,18 +60,22 @@ For GPipe and 1F1B with unit-cost forward and backward the step takes
 ``2(m + p - 1)`` slots of which each stage is busy ``2m``, so the bubble
 (idle fraction) is ``(p - 1) / (m + p - 1)``.
 
-Room to grow (not built yet):
+Two refinements the IR carries:
 
-- *A separate weight gradient* (zero-bubble schedules) is one more compute
-  kind, ``W``, after the ``B`` that then computes only dL/d(input). It
-  needs no message, so the pass copies it through (``_MESSAGES`` has no
-  entry for it); the simulator learns its dependency (after B of the same
-  micro-batch) and the executor gets one more entry in its dispatch table.
-- *Several model chunks per rank* (virtual stages) make a schedule's lists
-  per *rank*, with a chunk on each compute action. ``peer`` is the one place
-  that turns a stage into its neighbour: it would map (rank, chunk) to the
-  global stage ``chunk * p + rank`` and back, and ``message_tag`` would fold
-  the chunk into the tag.
+- *A separate weight gradient* (zero-bubble schedules): ``W k`` after ``B k``,
+  which then computes only dL/d(input), the one thing the previous stage
+  waits for. W needs no message, so the pass copies it through (``_MESSAGES``
+  has no entry for it); the inputs and dL/dz it needs stay alive until it
+  runs, and count as live memory until then.
+- *Several model chunks per rank* (virtual stages, ``Pipe(p, v)``): the lists
+  are per *rank*, each compute action names its chunk, and ``Pipe.peer``
+  turns (rank, chunk) into the neighbouring stage's (rank, chunk): the last
+  chunk of rank p-1 feeds the next chunk of rank 0. ``Pipe.message`` names
+  every message by (source, destination, tag), the tag folding in the
+  sending chunk (``tags.message_tag``).
+
+The schedules themselves (which compute runs when) are in
+``mpnn.parallel.pipeline_orders``.
 
 Pure Python: no MPI, no NumPy.
 
@@ -82,6 +93,7 @@ class Kind(Enum):
 
     FORWARD = "F"
     BACKWARD = "B"
+    WEIGHT = "W"
     SEND_ACT = "SA"
     RECV_ACT = "RA"
     SEND_GRAD = "SG"
@@ -89,7 +101,7 @@ class Kind(Enum):
     STEP = "STEP"
 
 
-COMPUTE = frozenset({Kind.FORWARD, Kind.BACKWARD})
+COMPUTE = frozenset({Kind.FORWARD, Kind.BACKWARD, Kind.WEIGHT})
 SENDS = frozenset({Kind.SEND_ACT, Kind.SEND_GRAD})
 RECEIVES = frozenset({Kind.RECV_ACT, Kind.RECV_GRAD})
 
@@ -106,13 +118,17 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class Action:
-    """One thing a stage does: ``kind`` on micro-batch ``mb`` (None for STEP)."""
+    """One thing a rank does: ``kind`` on micro-batch ``mb`` (None for STEP) through
+    its model chunk ``chunk``."""
 
     kind: Kind
     mb: int | None = None
+    chunk: int = 0
 
     def __str__(self):
-        return self.kind.value if self.mb is None else f"{self.kind.value}{self.mb}"
+        if self.mb is None:
+            return self.kind.value
+        return f"{self.kind.value}{self.mb}" + (f".{self.chunk}" if self.chunk else "")
 
     __repr__ = __str__  # lists of actions print as 'RA0 F0 SA0', in test failures too
 
@@ -120,11 +136,54 @@ class Action:
 STEP = Action(Kind.STEP)
 
 
-def peer(kind, stage):
-    """The stage a send of ``kind`` on ``stage`` goes to, or a receive comes from.
+@dataclass(frozen=True)
+class Pipe:
+    """The shape of a pipeline: ``p`` ranks holding ``v`` model chunks each, so
+    ``p·v`` stages; stage ``g`` is chunk ``g // p`` of rank ``g % p``."""
 
-    May be outside 0..p-1: the first stage has no previous stage, the last no next.
-    """
+    p: int
+    v: int = 1
+
+    @property
+    def stages(self):
+        return self.p * self.v
+
+    def stage(self, rank, chunk=0):
+        return chunk * self.p + rank
+
+    def place(self, stage):
+        """(rank, chunk) of ``stage``."""
+        return stage % self.p, stage // self.p
+
+    def is_first(self, rank, chunk=0):
+        return self.stage(rank, chunk) == 0
+
+    def is_last(self, rank, chunk=0):
+        return self.stage(rank, chunk) == self.stages - 1
+
+    def peer(self, kind, rank, chunk=0):
+        """(rank, chunk) a send of ``kind`` from (rank, chunk) goes to, or a receive
+        comes from; None past the first or last stage."""
+        g = self.stage(rank, chunk) + _DIRECTION[kind]
+        return self.place(g) if 0 <= g < self.stages else None
+
+    def message(self, action, rank):
+        """(source rank, destination rank, tag) of a send or receive ``action`` on
+        ``rank``; None where it has no neighbour."""
+        other = self.peer(action.kind, rank, action.chunk)
+        if other is None:
+            return None
+        from .tags import message_tag
+
+        if action.kind in SENDS:
+            return rank, other[0], message_tag(action.kind, action.mb, action.chunk, self.v)
+        return other[0], rank, message_tag(action.kind, action.mb, other[1], self.v)
+
+
+def peer(kind, stage):
+    """The stage a send of ``kind`` on ``stage`` goes to, or a receive comes from
+    (one chunk per rank). May be outside 0..p-1: the first stage has no previous
+    stage, the last no next."""
     return stage + _DIRECTION[kind]
 
 
@@ -143,105 +202,40 @@ def parse_actions(text):
         if tok == "STEP":
             out.append(STEP)
             continue
-        head = tok.rstrip("0123456789")
-        if head not in _PARSE or head == tok:
+        body, _, chunk = tok.partition(".")
+        head = body.rstrip("0123456789")
+        if head not in _PARSE or head == body or (chunk and not chunk.isdigit()):
             raise ValueError(f"cannot parse action {tok!r}: expected one of "
-                             f"{', '.join(k + '<mb>' for k in _PARSE)} or STEP")
-        out.append(Action(_PARSE[head], int(tok[len(head):])))
+                             f"{', '.join(k + '<mb>' for k in _PARSE)} (each with an optional "
+                             f".<chunk>) or STEP")
+        out.append(Action(_PARSE[head], int(body[len(head):]), int(chunk or 0)))
     return out
-
-
-# ------------------------------------------------- schedules: compute order only
-
-
-def _check(p, m):
-    if p < 1 or m < 1:
-        raise ValueError(f"a schedule needs at least one stage and one micro-batch "
-                         f"(got p={p}, m={m})")
-
-
-def _F(mb):
-    return Action(Kind.FORWARD, mb)
-
-
-def _B(mb):
-    return Action(Kind.BACKWARD, mb)
-
-
-def naive(p, m):
-    """One micro-batch at a time: forward through all stages, backward back, next."""
-    _check(p, m)
-    return [[a for mb in range(m) for a in (_F(mb), _B(mb))] for _ in range(p)]
-
-
-def gpipe(p, m):
-    """GPipe: all m forwards, then all m backwards (in micro-batch order)."""
-    _check(p, m)
-    return [[_F(mb) for mb in range(m)] + [_B(mb) for mb in range(m)] for _ in range(p)]
-
-
-def one_f_one_b(p, m):
-    """1F1B (PipeDream-Flush): warm-up forwards, steady one-forward-one-backward, drain.
-
-    Stage s runs w = min(p-s-1, m) warm-up forwards; then for each remaining
-    micro-batch a forward of micro-batch w+k followed by the backward of k;
-    then the w outstanding backwards.
-    """
-    _check(p, m)
-    stages = []
-    for s in range(p):
-        w = min(p - s - 1, m)
-        order = [_F(mb) for mb in range(w)]
-        for k in range(m - w):
-            order += [_F(w + k), _B(k)]
-        order += [_B(mb) for mb in range(m - w, m)]
-        stages.append(order)
-    return stages
-
-
-SCHEDULES = {"naive": naive, "gpipe": gpipe, "1f1b": one_f_one_b}
-
-
-def compute_order(name, p, m):
-    """Every stage's F/B order under schedule ``name`` (see ``SCHEDULES``)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name](p, m)
 
 
 # ------------------------------------------------------- the communication pass
 
 
-def add_communication(order):
-    """Insert the sends and receives into every stage's compute order (see module doc).
+def add_communication(order, v=1):
+    """Insert the sends and receives into every rank's compute order (see module doc).
 
-    order: ``order[stage]`` = that stage's F/B actions, for stages 0..p-1.
-    Returns new lists: before each compute the receive it needs, after it the
-    send of what it produced, both only where the neighbour exists.
+    order: ``order[rank]`` = that rank's F/B/W actions, for ranks 0..p-1, with ``v``
+    model chunks each. Returns new lists: before each F or B the receive it needs,
+    after it the send of what it produced, both only where the neighbouring stage
+    exists; W needs no message.
     """
-    p = len(order)
+    pipe = Pipe(len(order), v)
     lowered = []
-    for s, acts in enumerate(order):
+    for r, acts in enumerate(order):
         out = []
         for a in acts:
             if a.kind not in COMPUTE:
-                raise ScheduleError(f"stage {s}: {a} in a compute order; the communication "
+                raise ScheduleError(f"stage {r}: {a} in a compute order; the communication "
                                     f"pass adds the messages itself")
-            recv, send = _MESSAGES[a.kind]
-            if 0 <= peer(recv, s) < p:
-                out.append(Action(recv, a.mb))
+            recv, send = _MESSAGES.get(a.kind, (None, None))
+            if recv is not None and pipe.peer(recv, r, a.chunk) is not None:
+                out.append(Action(recv, a.mb, a.chunk))
             out.append(a)
-            if 0 <= peer(send, s) < p:
-                out.append(Action(send, a.mb))
+            if send is not None and pipe.peer(send, r, a.chunk) is not None:
+                out.append(Action(send, a.mb, a.chunk))
         lowered.append(out)
     return lowered
-
-
-def make_schedule(name, p, m):
-    """Every stage's full action list of schedule ``name``: compute order, messages, STEP."""
-    return [acts + [STEP] for acts in add_communication(compute_order(name, p, m))]
-
-
-def analytic_bubble(p, m):
-    """Idle fraction of GPipe and 1F1B with unit-cost forward and backward."""
-    return (p - 1) / (m + p - 1)

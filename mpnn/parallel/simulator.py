@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .pipeline_ir import COMPUTE, RECEIVES, SENDS, Kind, ScheduleError, peer
-from .tags import message_tag
+from .pipeline_ir import COMPUTE, RECEIVES, SENDS, Kind, Pipe, ScheduleError
 
 # what the simulator says about a message that has no neighbour to go to / come from
 _NO_PEER = {Kind.SEND_ACT: "the last stage has no next stage to send activations to",
@@ -93,29 +92,39 @@ class SimResult:
 
 
 def simulate(schedule, raise_on_deadlock=False):
-    """Dry-run ``schedule`` (a list of per-stage action lists) in lock-step slots.
+    """Dry-run ``schedule`` (a list of per-rank action lists) in lock-step slots.
 
-    In each slot every stage first runs its free actions (sends, receives
-    whose message has been sent, STEP) until it reaches a Forward/Backward
-    or a receive whose message is not there yet; this is repeated over all
-    stages until nothing changes, so the result does not depend on the order
-    stages are visited. Then every stage at a Forward/Backward runs it (one
-    slot); the others are idle. If in some slot no stage can do anything and
+    In each slot every rank first runs its free actions (sends, receives
+    whose message has been sent, STEP) until it reaches a compute action (F,
+    B, W) or a receive whose message is not there yet; this is repeated over
+    all ranks until nothing changes, so the result does not depend on the
+    order ranks are visited. Then every rank at a compute action runs it (one
+    slot); the others are idle. If in some slot no rank can do anything and
     not all are finished, the schedule is deadlocked: the result's
-    ``deadlock``/``stalls`` name each stuck stage, its action and its index
+    ``deadlock``/``stalls`` name each stuck rank, its action and its index
     (``raise_on_deadlock`` raises ``ScheduleError`` with that report instead).
 
+    The number of model chunks per rank is read from the actions. A micro-batch
+    is alive on its rank from its F until its W (when the rank's list has one
+    for it) or else its B: that is the peak the executor's counter reports.
+
     Malformed schedules (a Forward before its input arrived, a Backward
-    before its Forward, a send nobody receives, ...) raise ``ScheduleError``.
+    before its Forward, a W before its B, a send nobody receives, ...) raise
+    ``ScheduleError``.
     """
     p = len(schedule)
-    m = 1 + max([a.mb for acts in schedule for a in acts if a.mb is not None], default=-1)
+    units = [a for acts in schedule for a in acts if a.mb is not None]
+    m = 1 + max([a.mb for a in units], default=-1)
+    pipe = Pipe(p, 1 + max([a.chunk for a in units], default=0))
+    split = [{(a.mb, a.chunk) for a in acts if a.kind is Kind.WEIGHT} for acts in schedule]
+    chunks = [sorted({a.chunk for a in acts if a.mb is not None}) or [0] for acts in schedule]
     pc = [0] * p
     mailbox = {}  # (src, dst, tag) -> the send, until it is received
-    arrived = {Kind.RECV_ACT: [set() for _ in range(p)],  # micro-batches whose input is here
+    arrived = {Kind.RECV_ACT: [set() for _ in range(p)],  # (mb, chunk) whose input is here
                Kind.RECV_GRAD: [set() for _ in range(p)]}  # ... whose dL/dout is here
     fwd_done = [set() for _ in range(p)]
     bwd_done = [set() for _ in range(p)]
+    w_done = [set() for _ in range(p)]
     produced = {Kind.SEND_ACT: fwd_done, Kind.SEND_GRAD: bwd_done}
     live = [0] * p
     peak = [0] * p
@@ -126,61 +135,71 @@ def simulate(schedule, raise_on_deadlock=False):
         a = schedule[s][pc[s]]
         raise ScheduleError(f"stage {s}, action #{pc[s]} {a}: {msg}")
 
+    def name(mb, chunk):
+        return f"micro-batch {mb}" + (f" (chunk {chunk})" if chunk else "")
+
     def try_free(s):
-        """Run stage s's next action if it is free and possible; True if it ran."""
+        """Run rank s's next action if it is free and possible; True if it ran."""
         if pc[s] >= len(schedule[s]):
             return False
         a = schedule[s][pc[s]]
         if a.kind in SENDS:
-            dst = peer(a.kind, s)
-            if not 0 <= dst < p:
+            key = pipe.message(a, s)
+            if key is None:
                 fail(s, _NO_PEER[a.kind])
-            if a.mb not in produced[a.kind][s]:
-                fail(s, f"sends activations of micro-batch {a.mb} before its forward"
+            if (a.mb, a.chunk) not in produced[a.kind][s]:
+                fail(s, f"sends activations of {name(a.mb, a.chunk)} before its forward"
                      if a.kind is Kind.SEND_ACT else
-                     f"sends the input gradient of micro-batch {a.mb} before its backward")
-            mailbox[s, dst, message_tag(a.kind, a.mb)] = a
+                     f"sends the input gradient of {name(a.mb, a.chunk)} before its backward")
+            mailbox[key] = a
         elif a.kind in RECEIVES:
-            src = peer(a.kind, s)
-            if not 0 <= src < p:
+            key = pipe.message(a, s)
+            if key is None:
                 fail(s, _NO_PEER[a.kind])
-            key = (src, s, message_tag(a.kind, a.mb))
             if key not in mailbox:
                 return False
             del mailbox[key]
-            arrived[a.kind][s].add(a.mb)
+            arrived[a.kind][s].add((a.mb, a.chunk))
         elif a.kind is Kind.STEP:
-            if len(bwd_done[s]) != m or live[s]:
+            expected = m * len(chunks[s])
+            if len(bwd_done[s]) != expected or live[s]:
                 fail(s, f"Step before every micro-batch's backward ran "
-                        f"({len(bwd_done[s])} of {m})")
+                        f"({len(bwd_done[s])} of {expected})")
         else:
             return False  # a compute action: runs in the compute phase
         pc[s] += 1
         return True
 
-    def forward(s, mb):
-        if mb in fwd_done[s]:
-            fail(s, f"micro-batch {mb} runs forward twice")
-        if s > 0 and mb not in arrived[Kind.RECV_ACT][s]:
-            fail(s, f"forward of micro-batch {mb} before its activations were received")
-        fwd_done[s].add(mb)
+    def forward(s, unit):
+        if unit in fwd_done[s]:
+            fail(s, f"{name(*unit)} runs forward twice")
+        if not pipe.is_first(s, unit[1]) and unit not in arrived[Kind.RECV_ACT][s]:
+            fail(s, f"forward of {name(*unit)} before its activations were received")
+        fwd_done[s].add(unit)
         live[s] += 1
         peak[s] = max(peak[s], live[s])
 
-    def backward(s, mb):
-        if mb not in fwd_done[s] or mb in bwd_done[s]:
-            fail(s, f"backward of micro-batch {mb} without a pending forward")
-        if s < p - 1 and mb not in arrived[Kind.RECV_GRAD][s]:
-            fail(s, f"backward of micro-batch {mb} before its gradient was received")
-        bwd_done[s].add(mb)
+    def backward(s, unit):
+        if unit not in fwd_done[s] or unit in bwd_done[s]:
+            fail(s, f"backward of {name(*unit)} without a pending forward")
+        if not pipe.is_last(s, unit[1]) and unit not in arrived[Kind.RECV_GRAD][s]:
+            fail(s, f"backward of {name(*unit)} before its gradient was received")
+        bwd_done[s].add(unit)
+        if unit not in split[s]:
+            live[s] -= 1
+
+    def weight(s, unit):
+        if unit not in bwd_done[s] or unit in w_done[s]:
+            fail(s, f"weight gradient of {name(*unit)} without a pending backward")
+        w_done[s].add(unit)
         live[s] -= 1
 
-    run_compute = {Kind.FORWARD: forward, Kind.BACKWARD: backward}
+    run_compute = {Kind.FORWARD: forward, Kind.BACKWARD: backward, Kind.WEIGHT: weight}
 
     slot = 0
     while True:
         progress = True
-        while progress:  # free actions to a fixed point, over all stages
+        while progress:  # free actions to a fixed point, over all ranks
             progress = False
             for s in range(p):
                 while try_free(s):
@@ -200,7 +219,7 @@ def simulate(schedule, raise_on_deadlock=False):
         for s in range(p):
             if s in ready:
                 a = schedule[s][pc[s]]
-                run_compute[a.kind](s, a.mb)
+                run_compute[a.kind](s, (a.mb, a.chunk))
                 pc[s] += 1
                 grid[s].append(a)
                 busy[s] += 1
@@ -213,9 +232,13 @@ def simulate(schedule, raise_on_deadlock=False):
         raise ScheduleError(f"stage {src} sends {what} of micro-batch {mb} to stage {dst}, "
                             f"which never receives it")
     for s in range(p):
-        missing = sorted(set(range(m)) - bwd_done[s])
+        expected = {(mb, c) for mb in range(m) for c in chunks[s]}
+        missing = sorted({mb for mb, _ in expected - bwd_done[s]})
         if missing:
             raise ScheduleError(f"stage {s} never runs the backward of micro-batch(es) {missing}")
+        pending = sorted(split[s] - w_done[s])
+        if pending:
+            raise ScheduleError(f"stage {s} never runs the weight gradient of {pending}")
     return SimResult(p, m, grid, busy, peak)
 
 
@@ -238,7 +261,7 @@ class Timeline:
 
 
 def timeline(schedule, cost):
-    """Run ``schedule`` with ``cost(stage, action)`` seconds per Forward/Backward.
+    """Run ``schedule`` with ``cost(stage, action)`` seconds per compute action (F, B, W).
 
     Sends are free and non-blocking, a receive completes when its message was
     sent, each stage runs its actions in order: every time is fixed by those
@@ -248,6 +271,7 @@ def timeline(schedule, cost):
     the schedule deadlocks (``simulate`` gives the detailed report).
     """
     p = len(schedule)
+    pipe = Pipe(p, 1 + max([a.chunk for acts in schedule for a in acts], default=0))
     pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
     starts = [[] for _ in range(p)]
     sent = {}  # (src, dst, tag) -> when it was sent
@@ -258,9 +282,9 @@ def timeline(schedule, cost):
             while pc[s] < len(schedule[s]):
                 a = schedule[s][pc[s]]
                 if a.kind in SENDS:
-                    sent[s, peer(a.kind, s), message_tag(a.kind, a.mb)] = clock[s]
+                    sent[pipe.message(a, s)] = clock[s]
                 elif a.kind in RECEIVES:
-                    key = (peer(a.kind, s), s, message_tag(a.kind, a.mb))
+                    key = pipe.message(a, s)
                     if key not in sent:
                         break
                     clock[s] = max(clock[s], sent.pop(key))
