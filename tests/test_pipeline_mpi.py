@@ -117,7 +117,7 @@ def test_empty_micro_batches_in_a_tiny_last_batch(tmp_path):
 def test_executor_live_micro_batches_match_simulator(schedule):
     from mpnn.parallel.engine import Engine
     from mpnn.parallel.pipeline import PipelineEngine
-    from mpnn.parallel.pipeline_ir import make_schedule
+    from mpnn.parallel.pipeline_orders import make_schedule
     from mpnn.parallel.simulator import simulate
 
     comm = sub_world(4)

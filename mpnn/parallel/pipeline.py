@@ -52,7 +52,8 @@ from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .gather import gather_whole
 from .partition import format_partition
-from .pipeline_ir import RECEIVES, Kind, make_schedule, peer
+from .pipeline_ir import RECEIVES, Kind, peer
+from .pipeline_orders import make_schedule
 from .simulator import simulate
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 from .tags import EVAL_TAG, message_tag
