@@ -20,7 +20,8 @@ from mpnn.parallel.simulator import simulate, timeline
 from mpnn.parallel.tags import EVAL_TAG, MAX_MICRO_BATCHES, message_tag
 
 GRID = [(p, m) for p in (1, 2, 3, 4) for m in (1, 2, 3, 4, 8)]
-CLASSIC = ("naive", "gpipe", "1f1b")  # one chunk per rank, B not split (test_pipeline_orders.py: the others)
+# one chunk per rank, B not split (the others: test_pipeline_orders.py)
+CLASSIC = ("naive", "gpipe", "1f1b")
 
 
 def Forward(mb):
