@@ -327,3 +327,191 @@ def test_micro_batches_beyond_the_tags_are_refused():
     with pytest.raises(PipelineConfigError, match="the message tags can number"):
         check_pipeline_config(2, None, 2, 4, 2 * n, n)
     assert check_pipeline_config(2, None, 2, 4, 2 * n, n - 1) == (1, 2)
+
+
+# ------------------------------------------------- the CLI: every schedule, costs, bytes
+
+# `python -m mpnn.schedule --pp 2 --micro-batches 6 --schedule 1f1b --actions
+# --stage-costs 1:2,1:2` as printed before the zero-bubble and interleaved schedules came
+OLD_1F1B = """\
+schedule 1f1b: 2 stages, 6 micro-batches
+stage 0: F0 SA0 F1 SA1 RG0 B0 F2 SA2 RG1 B1 F3 SA3 RG2 B2 F4 SA4 RG3 B3 F5 SA5 RG4 B4 RG5 B5 STEP
+stage 1: RA0 F0 B0 SG0 RA1 F1 B1 SG1 RA2 F2 B2 SG2 RA3 F3 B3 SG3 RA4 F4 B4 SG4 RA5 F5 B5 SG5 STEP
+
+slot     0  1  2  3  4  5  6  7  8  9 10 11 12 13
+stage 0 F0 F1  . B0 F2 B1 F3 B2 F4 B3 F5 B4  . B5
+stage 1  . F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5  .
+
+slots 14, busy per stage 12, idle per stage 2, 2
+bubble: simulated 0.1429   formula (p-1)/(m+p-1) = 0.1429
+peak micro-batches in flight per stage: stage 0: 2, stage 1: 1
+with stage costs F:B 1:2, 1:2: makespan 21, bubble 0.1429
+"""
+
+
+def _cli(capsys, *argv):
+    from mpnn.schedule import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def _cli_error(capsys, *argv):
+    from mpnn.schedule import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_output_of_the_old_schedules_is_unchanged(capsys):
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "6", "--schedule", "1f1b", "--actions",
+               "--stage-costs", "1:2,1:2")
+    assert out == OLD_1F1B
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "6", "--schedule", "naive")
+    assert ("bubble: simulated 0.5000   formula (p-1)/(m+p-1) = 0.1429  (formula is "
+            "GPipe/1F1B's; naive has no overlap)\n") in out
+
+
+def test_cli_zero_bubble_prints_the_paper_next_to_the_simulator(capsys):
+    out = _cli(capsys, "--pp", "4", "--micro-batches", "8", "--schedule", "zb-h1")
+    assert "stage 0 F0 F1 F2 F3  .  .  . B0 F4" in out and " W7\n" in out
+    assert "ZB-H1 idles (p-1)(F+B-W) per stage = 3 (1F1B's (p-1)(F+B+W) = 9)" in out
+    assert "predicts bubble 0.1111" in out
+    assert "simulator measures idle per stage 3, 3, 3, 3: bubble 0.1111" in out
+    assert "stage 0: 7, stage 1: 6, stage 2: 5, stage 3: 4  (alive from F until W)" in out
+    out = _cli(capsys, "--pp", "4", "--micro-batches", "8", "--schedule", "zb-h2")
+    assert "ZB-H2 idles (p-1)(F+B-2W) per stage = 0" in out and "predicts bubble 0.0000" in out
+    assert "simulator measures idle per stage 3, 3, 3, 3" in out and "steady state" in out
+    # with costs: what the paper predicts from them, what the timeline measures
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "4", "--schedule", "zb-h1",
+               "--stage-costs", "1:1:1,1:1:1")
+    assert "with stage costs F:B:W 1:1:1, 1:1:1: makespan 13, bubble 0.0769" in out
+    assert "busy per stage 12, 12; idle per stage 1, 1" in out
+
+
+def test_cli_interleaved(capsys):
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "4", "--schedule", "interleaved-1f1b",
+               "--virtual-stages", "2")
+    assert out.startswith("schedule interleaved-1f1b: 2 stages, 4 micro-batches, 2 chunks per "
+                          "rank\n")
+    assert "F0.1" in out and "bubble: simulated 0.1111   formula (p-1)/(V·m+p-1) = 0.1111" in out
+    # per stage per chunk costs: a chunk's B runs B + W (interleaved-1f1b has no W)
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "4", "--schedule", "interleaved-1f1b",
+               "--virtual-stages", "2", "--stage-costs", "1:2:1/2:2:2,1:2:1")
+    table = [[(1, 3), (2, 4)], [(1, 3), (1, 3)]]
+    tl = timeline(make_schedule("interleaved-1f1b", 2, 4, 2),
+                  lambda r, a: table[r][a.chunk][a.kind is Kind.BACKWARD])
+    assert (f"with stage costs F:B:W 1:2:1/2:2:2, 1:2:1/1:2:1: makespan {tl.makespan:.4g}, "
+            f"bubble {tl.bubble:.4f}") in out
+
+
+def test_cli_configuration_errors(capsys):
+    err = _cli_error(capsys, "--schedule", "interleaved-1f1b", "--pp", "4", "--micro-batches",
+                     "6", "--virtual-stages", "2")
+    assert "--micro-batches 6 must be a multiple of 4" in err
+    err = _cli_error(capsys, "--schedule", "1f1b", "--virtual-stages", "2")
+    assert "use --virtual-stages 1 with --schedule 1f1b" in err
+    err = _cli_error(capsys, "--pp", "2", "--schedule", "interleaved-1f1b", "--virtual-stages",
+                     "2", "--stage-costs", "1/2/3,1")
+    assert "'1/2/3' gives 3 chunks" in err
+    assert "positive" in _cli_error(capsys, "--pp", "2", "--stage-costs", "1:nan,1")
+    assert "--micro-batch-rows" in _cli_error(capsys, "--sizes", "8,4,2")
+    assert "give --sizes" in _cli_error(capsys, "--partition", "1,1")
+    assert "more pipeline stages" in _cli_error(capsys, "--pp", "4", "--sizes", "8,2",
+                                                "--micro-batch-rows", "2")
+
+
+def test_cli_latency(capsys):
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "1", "--schedule", "gpipe",
+               "--stage-costs", "1:2,1:2", "--latency", "0.25")
+    assert "with stage costs F:B 1:2, 1:2 and latency 0.25 s per message: makespan 6.5" in out
+    assert "idle per stage 3.5, 3.5" in out
+    assert "expected a finite number" in _cli_error(capsys, "--latency", "-1")
+
+
+def _metrics(tmp_path, **last):
+    """A tiny ``python -m mpnn.train --metrics`` file: two epochs, costs in the last."""
+    import json
+
+    record = {"epoch": 2, "train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.8,
+              "schedule": "1f1b", "pp": 2, "virtual_stages": 1, "micro_batches": 4,
+              "action_costs_s": {"F": [[0.001], [0.002]], "B": [[0.002], [0.004]],
+                                 "W": [[0], [0]]},
+              "message_latency_s": 1e-4}
+    record.update(last)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"epoch": 1, "train_loss": 1.0}) + "\n" + json.dumps(record)
+                    + "\n")
+    return str(path)
+
+
+def test_cli_costs_from_metrics(capsys, tmp_path):
+    path = _metrics(tmp_path)
+    f, b = [0.001, 0.002], [0.002, 0.004]
+    out = _cli(capsys, "--costs-from", path)
+    assert out.startswith("schedule 1f1b: 2 stages, 4 micro-batches\n")  # the file's keys
+    tl = timeline(make_schedule("1f1b", 2, 4),
+                  lambda r, a: b[r] if a.kind is Kind.BACKWARD else f[r], latency=1e-4)
+    assert (f"with measured costs from {path} (seconds) F:B 0.001:0.002, 0.002:0.004 and "
+            f"latency 0.0001 s per message: predicted step time {tl.makespan:.4g} s, "
+            f"bubble {tl.bubble:.4f}") in out
+    # what if: the same costs under zb-h1 (no W measured: B and W half of B each), no latency
+    out = _cli(capsys, "--costs-from", path, "--schedule", "zb-h1", "--latency", "0",
+               "--micro-batches", "6")
+    assert out.startswith("schedule zb-h1: 2 stages, 6 micro-batches\n")
+    tl = timeline(make_schedule("zb-h1", 2, 6),
+                  lambda r, a: f[r] if a.kind is Kind.FORWARD else b[r] / 2)
+    assert f"predicted step time {tl.makespan:.4g} s, bubble {tl.bubble:.4f}" in out
+    assert "(no W: B and W half of B each)" in out and "ZB-H1 idles" in out
+    # measured W's are used as they are
+    path = _metrics(tmp_path, schedule="zb-h1", action_costs_s={
+        "F": [[1.0], [1.0]], "B": [[1.0], [1.0]], "W": [[1.0], [1.0]]}, message_latency_s=0)
+    out = _cli(capsys, "--costs-from", path)
+    assert "F:B:W 1:1:1, 1:1:1: predicted step time 13 s, bubble 0.0769" in out
+
+
+def test_cli_costs_from_errors(capsys, tmp_path):
+    path = _metrics(tmp_path)
+    assert "holds costs of 2 ranks x 1 chunks" in _cli_error(capsys, "--costs-from", path,
+                                                             "--pp", "3")
+    assert "not both" in _cli_error(capsys, "--costs-from", path, "--stage-costs", "1,1")
+    assert "cannot read" in _cli_error(capsys, "--costs-from", str(tmp_path / "none.jsonl"))
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text('{"epoch": 1}\n')
+    assert "no action_costs_s" in _cli_error(capsys, "--costs-from", str(bare))
+    bad = _metrics(tmp_path, action_costs_s={"F": [[1.0], [1.0]], "B": [[1.0]], "W": [[0], [0]]})
+    assert "one shape" in _cli_error(capsys, "--costs-from", bad)
+    bad = _metrics(tmp_path, action_costs_s={"F": [[1.0], [-1]], "B": [[1.0]], "W": [[0], [0]]})
+    assert "seconds >= 0" in _cli_error(capsys, "--costs-from", bad)
+    bad = _metrics(tmp_path, schedule="zigzag")
+    assert "must be a schedule name" in _cli_error(capsys, "--costs-from", bad)
+
+
+def test_cli_peak_bytes(capsys):
+    # 2 stages of layers 8->4 and 4->2, 3 rows of float64: stage 0 keeps 3·(8+4)·8 = 288
+    # bytes a micro-batch, stage 1 3·(4+2)·8 = 144; 1F1B's peaks of 2 and 1 micro-batches
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "4", "--schedule", "1f1b",
+               "--sizes", "8,4,2", "--micro-batch-rows", "3", "--dtype", "float64")
+    assert ("activation bytes of one micro-batch (3 rows, float64; layers per stage 0 | 1): "
+            "stage 0: 288, stage 1: 144") in out
+    assert "peak activation bytes per stage: stage 0: 576 (" in out and "stage 1: 144 (" in out
+    # V = 2: stage g = chunk·p + rank, so rank 0 holds layers 0 and 2
+    out = _cli(capsys, "--pp", "2", "--micro-batches", "2", "--schedule", "interleaved-1f1b",
+               "--virtual-stages", "2", "--sizes", "8,4,4,4,2", "--micro-batch-rows", "1",
+               "--partition", "1,1,1,1")
+    assert "stage 0: 48/32, stage 1: 32/24" in out
+
+
+def test_cli_plots_f_b_and_w(capsys, tmp_path):
+    from mpnn.schedule import COLORS
+
+    assert len(set(COLORS.values())) == 3
+    for extra in ([], ["--stage-costs", "1:1:1,2:1:1"]):
+        png = tmp_path / f"zb{len(extra)}.png"
+        out = _cli(capsys, "--pp", "2", "--micro-batches", "4", "--schedule", "zb-h1",
+                   "--plot", str(png), *extra)
+        assert f"wrote {png}" in out and png.stat().st_size > 1000

@@ -9,8 +9,11 @@ dependencies, and returns the stage x slot grid, idle slots, the bubble and
 the peak live micro-batches per stage, or a deadlock report (``Stall``) naming
 the stage, slot and stuck action of every stage that can never proceed.
 
-``timeline(schedule, cost)`` runs the same lists with real per-action costs
-and predicts the makespan and bubble of an unbalanced pipeline.
+``timeline(schedule, cost, latency, unit_bytes)`` runs the same lists with
+real per-action costs and a latency per message between ranks, and predicts
+the step time (makespan), each rank's busy and idle time, the bubble, and the
+peak live activations per rank, in micro-batches and (given the bytes one
+micro-batch holds on each chunk) in bytes.
 
 Pure Python: no MPI, no NumPy.
 
@@ -244,15 +247,28 @@ def simulate(schedule, raise_on_deadlock=False):
 
 @dataclass
 class Timeline:
-    """Times of a schedule run with real (non-unit) costs; see ``timeline``."""
+    """Times of a schedule run with real (non-unit) costs; see ``timeline``.
+
+    Per rank: ``busy`` and ``idle`` seconds (idle up to the makespan), ``peak_live``
+    micro-batches alive at once and, given ``unit_bytes``, ``peak_bytes``.
+    """
 
     busy: list  # compute time per stage
     finish: list  # when each stage runs its last action
     starts: list  # starts[stage] = [(start, end, action), ...] of its compute actions
+    peak_live: list = field(default_factory=list)  # most (mb, chunk) alive at once, per rank
+    peak_bytes: list | None = None  # most activation bytes alive at once (given unit_bytes)
+    latency: float = 0.0  # seconds each message between ranks took
 
     @property
     def makespan(self):
+        """The predicted step time: when the last rank finishes."""
         return max(self.finish) if self.finish else 0.0
+
+    @property
+    def idle(self):
+        """Idle seconds per rank, up to the makespan."""
+        return [self.makespan - b for b in self.busy]
 
     @property
     def bubble(self):
@@ -260,21 +276,36 @@ class Timeline:
         return 1.0 - sum(self.busy) / (p * total) if total else 0.0
 
 
-def timeline(schedule, cost):
+def timeline(schedule, cost, latency=0.0, unit_bytes=None):
     """Run ``schedule`` with ``cost(stage, action)`` seconds per compute action (F, B, W).
 
-    Sends are free and non-blocking, a receive completes when its message was
-    sent, each stage runs its actions in order: every time is fixed by those
-    dependencies, so the stages can be advanced in any order. With unit cost
-    this gives the same bubble as ``simulate``; with measured per-stage costs
-    it predicts the bubble of an unbalanced pipeline. Raises ScheduleError if
-    the schedule deadlocks (``simulate`` gives the detailed report).
+    Sends are free and non-blocking; a receive completes when its message was
+    sent plus ``latency`` seconds if it crosses ranks (a message between two
+    chunks of one rank is free); each stage runs its actions in order: every
+    time is fixed by those dependencies, so the stages can be advanced in any
+    order. With unit cost and no latency this gives the same bubble as
+    ``simulate``; with measured per-stage costs it predicts the step time and
+    bubble of an unbalanced pipeline. ``cost`` is asked about the action as the
+    schedule has it: a B is only dL/d(input) where the rank's list has a W for
+    its (mb, chunk), else the whole backward.
+
+    Memory: a (mb, chunk) is alive on its rank from its F until its W if the
+    rank's list has one for it, else its B (the rule ``simulate`` counts by).
+    The result's ``peak_live`` is the most alive at once per rank; with
+    ``unit_bytes(rank, chunk)``, the bytes one micro-batch keeps on that chunk
+    (its activations, from F until the last backward action), ``peak_bytes``
+    is the most bytes alive at once per rank. Both depend only on each rank's
+    order, not on the costs. Raises ScheduleError if the schedule deadlocks
+    (``simulate`` gives the detailed report).
     """
     p = len(schedule)
     pipe = Pipe(p, 1 + max([a.chunk for acts in schedule for a in acts], default=0))
+    split = [{(a.mb, a.chunk) for a in acts if a.kind is Kind.WEIGHT} for acts in schedule]
     pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    live, peak = [0] * p, [0] * p
+    held, peak_bytes = [0] * p, [0] * p
     starts = [[] for _ in range(p)]
-    sent = {}  # (src, dst, tag) -> when it was sent
+    sent = {}  # (src, dst, tag) -> when it arrives at dst
     progress = True
     while progress:
         progress = False
@@ -282,7 +313,8 @@ def timeline(schedule, cost):
             while pc[s] < len(schedule[s]):
                 a = schedule[s][pc[s]]
                 if a.kind in SENDS:
-                    sent[pipe.message(a, s)] = clock[s]
+                    key = pipe.message(a, s)
+                    sent[key] = clock[s] + (latency if key[0] != key[1] else 0.0)
                 elif a.kind in RECEIVES:
                     key = pipe.message(a, s)
                     if key not in sent:
@@ -293,9 +325,19 @@ def timeline(schedule, cost):
                     starts[s].append((clock[s], clock[s] + d, a))
                     clock[s] += d
                     busy[s] += d
+                    size = unit_bytes(s, a.chunk) if unit_bytes is not None else 0
+                    if a.kind is Kind.FORWARD:
+                        live[s] += 1
+                        held[s] += size
+                        peak[s] = max(peak[s], live[s])
+                        peak_bytes[s] = max(peak_bytes[s], held[s])
+                    elif a.kind is Kind.WEIGHT or (a.mb, a.chunk) not in split[s]:  # last
+                        live[s] -= 1
+                        held[s] -= size
                 pc[s] += 1
                 progress = True
     stuck = [Stall(s, pc[s], schedule[s][pc[s]]) for s in range(p) if pc[s] < len(schedule[s])]
     if stuck:
         raise ScheduleError("deadlock: " + "; ".join(map(str, stuck)))
-    return Timeline(busy, clock, starts)
+    return Timeline(busy, clock, starts, peak, peak_bytes if unit_bytes is not None else None,
+                    float(latency))
