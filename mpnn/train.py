@@ -142,7 +142,14 @@ def build_parser():
     g.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches per global batch and replica in the pipeline (default 1)")
     g.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES),
-                   help="pipeline schedule (default 1f1b); see python -m mpnn.schedule")
+                   help="pipeline schedule (default 1f1b): naive, gpipe, 1f1b, "
+                        "interleaved-1f1b (with --virtual-stages; --micro-batches a multiple "
+                        "of --pp), zb-h1, zb-h2 (zero bubble: backward split into B and W); "
+                        "see python -m mpnn.schedule")
+    g.add_argument("--virtual-stages", type=positive_int, default=1, metavar="V",
+                   help="model chunks per pipeline rank for --schedule interleaved-1f1b "
+                        "(the layers are cut into pp x V stages, rank r holding r, r + pp, "
+                        "...; default 1)")
     g.add_argument("--partition", default=None, metavar="N1,N2,...",
                    help="layers per stage, e.g. 2,1,1 (default: balance the estimated cost)")
     g = p.add_argument_group("checkpoints")
@@ -166,8 +173,8 @@ def config_from_args(ns):
         model=ModelConfig(tuple(ns.hidden), ns.activation, ns.loss, ns.dtype, ns.backend, ns.init),
         optim=OptimConfig(ns.optimizer, ns.lr, ns.lr_schedule, ns.momentum, ns.nesterov,
                           ns.weight_decay),
-        parallel=ParallelConfig(ns.dp, ns.pp, ns.micro_batches, ns.schedule, ns.partition,
-                                ns.bucket_mb, ns.threads),
+        parallel=ParallelConfig(ns.dp, ns.pp, ns.micro_batches, ns.schedule, ns.virtual_stages,
+                                ns.partition, ns.bucket_mb, ns.threads),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),

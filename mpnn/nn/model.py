@@ -1,5 +1,7 @@
 """The MLP: linear layers over one flat parameter buffer, forward and backward
-over a contiguous range of layers (the whole model, or one pipeline stage).
+over a contiguous range of layers (the whole model, or one pipeline stage), or
+over each of several such ranges (the model chunks of one rank under an
+interleaved pipeline schedule).
 
 Shape legend: B rows, I/O in/out features of a layer, C classes.
 
@@ -9,7 +11,14 @@ logits; the loss applies softmax or compares with one-hot targets).
 
 The model knows nothing of MPI. Data parallelism happens outside it (the
 gradient buffer is summed across replicas); pipeline parallelism builds one
-``MLP`` per stage with ``layers=range(start, stop)``.
+``MLP`` per stage with ``layers=range(start, stop)`` (or a list of ranges: the
+rank's chunks, each run with ``chunk=c``).
+
+The backward can be split in two, as zero-bubble pipelines need: with
+``weights=False`` it computes dL/dz of every layer, the bias gradients and
+dL/d(input) (what the previous stage waits for) and keeps (input, dL/dz) of
+each layer in the context; ``backward_weight`` then adds dW = inputᵀ·dL/dz.
+The sum is the same as the joined backward's, term by term.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Context:
         self.inputs = None  # h_start (B, sizes[start]) as given to forward
         self.outputs = {}  # layer i -> h_{i+1} (B, sizes[i+1])
         self.grads = {}  # layer i -> dh_i scratch (B, sizes[i])
+        self.pending = []  # (layer, input, dL/dz) a split backward left for backward_weight
         self.rows = 0
 
     def buffer(self, store, i, shape, ops, dtype):
@@ -78,16 +88,20 @@ class MLP:
         if activation not in HIDDEN_ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of "
                              f"{', '.join(HIDDEN_ACTIVATIONS)}")
-        if layers is not None and not (layers.step == 1
-                                       and 0 <= layers.start < layers.stop <= len(sizes) - 1):
-            raise ValueError(f"layers must be range(start, stop) with 0 <= start < stop <= "
-                             f"{len(sizes) - 1} (the model's linear layers), got {layers}")
+        chunks = [] if layers is None else [layers] if isinstance(layers, range) else layers
+        for c in chunks:
+            n = len(sizes) - 1
+            if not (isinstance(c, range) and c.step == 1 and 0 <= c.start < c.stop <= n):
+                raise ValueError(f"layers must be range(start, stop) with 0 <= start < stop <= "
+                                 f"{len(sizes) - 1} (the model's linear layers), or a list of "
+                                 f"such ranges, got {layers}")
         self.sizes = sizes
         self.activation = activation
         self.dtype = np.dtype(dtype)
         self.ops = ops if ops is not None else get_ops("numpy")
         self.layout = Layout(sizes, layers)
         self.layers = self.layout.layers
+        self.chunks = self.layout.chunks
         self.n_layers = len(sizes) - 1
         self.flat = FlatParams(self.layout, self.dtype, xp=self.ops.xp)
         for i in self.layers:
@@ -109,46 +123,70 @@ class MLP:
 
     @property
     def in_features(self):
-        return self.sizes[self.layers.start]
+        return self.sizes[self.chunks[0].start]
 
     @property
     def out_features(self):
-        return self.sizes[self.layers.stop]
+        return self.sizes[self.chunks[-1].stop]
+
+    def chunk_features(self, chunk):
+        """(I, O): the input and output features of model chunk ``chunk``."""
+        c = self.chunks[chunk]
+        return self.sizes[c.start], self.sizes[c.stop]
 
     # -------------------------------------------------------------- compute
 
-    def forward(self, x, ctx=None):
-        """x (B, sizes[start]) -> h_stop (B, sizes[stop]); keeps activations in ctx."""
+    def forward(self, x, ctx=None, chunk=0):
+        """x (B, sizes[start]) -> h_stop (B, sizes[stop]) through model chunk ``chunk``
+        (the only one, unless the model holds several); keeps activations in ctx."""
         ctx = ctx if ctx is not None else Context()
         ctx.inputs, ctx.rows = x, x.shape[0]
         h = x
-        for i in self.layers:
+        for i in self.chunks[chunk]:
             out = ctx.buffer(ctx.outputs, i, (x.shape[0], self.sizes[i + 1]), self.ops, self.dtype)
             h = self.ops.linear_act(h, self.W(i), self.b(i), self.act(i), out)  # (B, O_i)
         return h
 
-    def backward(self, dout, ctx, need_input_grad=False, on_layer_done=None):
+    def backward(self, dout, ctx, need_input_grad=False, on_layer_done=None, chunk=0,
+                 weights=True):
         """Accumulate parameter gradients from dout = dL/dh_stop (B, sizes[stop]).
 
-        Walks the layers in the reverse order of ``forward``. ``dout`` is
-        overwritten (it becomes dL/dz of the last layer). Gradients are added
-        into ``self.flat.grad``: call ``zero_grad`` first. ``on_layer_done(i)``
-        is called once layer i's gradients are final (overlapped Allreduce).
-        Returns dL/dh_start (B, sizes[start]) when ``need_input_grad``.
+        Walks the layers of model chunk ``chunk`` in the reverse order of
+        ``forward``. ``dout`` is overwritten (it becomes dL/dz of the last layer).
+        Gradients are added into ``self.flat.grad``: call ``zero_grad`` first.
+        ``on_layer_done(i)`` is called once layer i's gradients are final
+        (overlapped Allreduce). Returns dL/dh_start (B, sizes[start]) when
+        ``need_input_grad``. With ``weights=False`` the weight gradients are left
+        for ``backward_weight(ctx, chunk)``: the inputs and dL/dz they need stay in
+        ``ctx`` (and alive) until then.
         """
         grads = self.flat.grads
+        layers = self.chunks[chunk]
         dh = dout
-        for i in reversed(self.layers):
-            h_in = ctx.inputs if i == self.layers.start else ctx.outputs[i - 1]
+        ctx.pending = []
+        for i in reversed(layers):
+            h_in = ctx.inputs if i == layers.start else ctx.outputs[i - 1]
             dz = self.ops.act_bias_backward(dh, ctx.outputs[i], self.act(i),
                                             grads[f"layers.{i}.bias"])  # (B, O_i)
-            self.ops.weight_grad(h_in, dz, grads[f"layers.{i}.weight"])  # (I_i, O_i)
-            if i > self.layers.start or need_input_grad:
+            if weights:
+                self.ops.weight_grad(h_in, dz, grads[f"layers.{i}.weight"])  # (I_i, O_i)
+            else:
+                ctx.pending.append((i, h_in, dz))  # for backward_weight
+            if i > layers.start or need_input_grad:
                 out = ctx.buffer(ctx.grads, i, (ctx.rows, self.sizes[i]), self.ops, self.dtype)
                 dh = self.ops.input_grad(dz, self.W(i), out)  # (B, I_i)
             if on_layer_done is not None:
                 on_layer_done(i)
         return dh if need_input_grad else None
+
+    def backward_weight(self, ctx):
+        """dW_i += h_inᵀ·dz_i for the layers a ``backward(..., weights=False)`` left,
+        in the same reverse layer order (so the gradient buffer's sums are the
+        joined backward's). (I_i, O_i) each."""
+        grads = self.flat.grads
+        for i, h_in, dz in ctx.pending:
+            self.ops.weight_grad(h_in, dz, grads[f"layers.{i}.weight"])  # (I_i, O_i)
+        ctx.pending = []
 
     def zero_grad(self):
         self.flat.zero_grad()

@@ -37,14 +37,21 @@ class Slot:
 
 
 class Layout:
-    """The ordered list of named tensors of a contiguous range of linear layers."""
+    """The ordered list of named tensors of some linear layers: one contiguous range
+    of them (a model, a pipeline stage), or several (the model chunks of one rank
+    under an interleaved schedule), laid out chunk after chunk."""
 
     def __init__(self, sizes, layers=None):
         """sizes: feature sizes ``[in, h1, ..., out]``; layers: the ``range`` of
-        linear layers this buffer holds (default: all ``len(sizes) - 1``)."""
+        linear layers this buffer holds (default: all ``len(sizes) - 1``), or a
+        list of such ranges (model chunks, in the order they are laid out)."""
         layers = range(len(sizes) - 1) if layers is None else layers
+        chunks = [layers] if isinstance(layers, range) else list(layers)
         self.sizes = tuple(int(s) for s in sizes)
-        self.layers = range(layers.start, layers.stop)
+        self.chunks = tuple(range(c.start, c.stop) for c in chunks)
+        # every layer held, in layout order (a range when there is one chunk)
+        self.layers = self.chunks[0] if len(self.chunks) == 1 else tuple(
+            i for c in self.chunks for i in c)
         slots, offset = [], 0
         for i in self.layers:
             for name, shape in ((f"layers.{i}.weight", (sizes[i], sizes[i + 1])),
@@ -54,6 +61,11 @@ class Layout:
                 offset = slot.stop
         self.slots = {s.name: s for s in slots}
         self.numel = offset
+
+    def chunk_span(self, c):
+        """(start, stop) of chunk c's tensors inside the flat buffer."""
+        chunk = self.chunks[c]
+        return self.layer_span(chunk.start)[0], self.layer_span(chunk.stop - 1)[1]
 
     def layer_span(self, i):
         """(start, stop) of layer i's weight and bias inside the flat buffer."""

@@ -5,7 +5,9 @@ buffers (parameters, and optimizer state in the same layout) are exactly the
 segment of the whole model's flat buffer for those layers. Stages are
 numbered in layer order and ``grid.pp_comm`` ranks them in stage order, so
 concatenating the stages' buffers in rank order *is* the whole model's
-buffer: one ``Gatherv`` per array rebuilds it on the first stage. Only
+buffer: one ``Gatherv`` per array rebuilds it on the first stage. (Under an
+interleaved schedule a rank holds several chunks, rank r the stages r, r + p,
+...; then the segments are put back in layer order: ``layout``.) Only
 replica 0 takes part (every replica holds the same weights); world rank 0 is
 that replica's first stage. Used by ``PipelineEngine.state_dict`` (``--save``)
 and by the checkpointer.
@@ -19,14 +21,18 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_CHUNKS = 64  # model chunks per rank the gather can reorder (--virtual-stages)
 
-def gather_whole(grid, arrays):
+
+def gather_whole(grid, arrays, layout=None):
     """Each stage's flat host arrays -> the whole model's, on world rank 0.
 
     grid    the process grid (``mpnn.parallel.grid.Grid``; a serial run is a
             grid of one)
     arrays  name -> this stage's (n_s,) host array; the same names, in the
             same order, on every stage
+    layout  this rank's ``Layout``, needed when ranks hold several model chunks
+            (interleaved schedules): the segments are then reordered by layer
     Returns name -> (N,) host array on the first stage of replica 0 (world
     rank 0), None on every other rank. Collective over replica 0's pipeline;
     the other replicas return at once. With one stage the arrays themselves
@@ -50,4 +56,34 @@ def gather_whole(grid, arrays):
             grid.pp_comm.Gatherv(part, [whole[name], sizes], root=0)
         else:
             grid.pp_comm.Gatherv(part, None, root=0)
+    if layout is not None:
+        whole = _in_layer_order(grid, layout, whole)
     return whole if root else None
+
+
+def _in_layer_order(grid, layout, whole):
+    """Reorder the rank-order concatenation ``whole`` (on the root) into the whole
+    model's layout when some rank holds several chunks; collective over the pipe."""
+    mine = np.full(2 * MAX_CHUNKS, -1, dtype=np.int64)  # (start, stop) of each chunk
+    for c, chunk in enumerate(layout.chunks):
+        mine[2 * c:2 * c + 2] = chunk.start, chunk.stop
+    root = grid.pp_rank == 0
+    every = np.empty((grid.pp, mine.size), dtype=np.int64) if root else None
+    grid.pp_comm.Gather(mine, every, root=0)
+    if not root or all(row[2] < 0 for row in every):
+        return whole  # one chunk per rank: rank order is layer order
+    from ..nn.params import Layout
+
+    model = Layout(layout.sizes)
+    out = {}
+    for name, flat in whole.items():
+        ordered, offset = np.empty_like(flat), 0  # (N,)
+        for row in every:
+            for start, stop in zip(row[0::2], row[1::2], strict=True):
+                if start < 0:
+                    break
+                lo, hi = model.layer_span(int(start))[0], model.layer_span(int(stop) - 1)[1]
+                ordered[lo:hi] = flat[offset:offset + hi - lo]
+                offset += hi - lo
+        out[name] = ordered
+    return out

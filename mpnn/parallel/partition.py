@@ -31,10 +31,17 @@ def layer_costs(sizes):
             for i in range(len(sizes) - 1)]
 
 
-def check_stages(n_layers, pp):
+def check_stages(n_layers, pp, virtual=1):
+    """``pp`` stages (``--pp`` x ``--virtual-stages`` when ``virtual`` > 1) must each
+    get a layer."""
     if pp < 1:
         raise PartitionError(f"--pp must be a positive integer (got {pp})")
     if pp > n_layers:
+        if virtual > 1:
+            raise PartitionError(
+                f"--pp {pp // virtual} x --virtual-stages {virtual} = {pp} pipeline stages, "
+                f"more than the model has linear layers ({n_layers}); every stage needs at "
+                f"least one layer: use fewer virtual stages or add hidden layers with --hidden")
         raise PartitionError(f"--pp {pp} asks for more pipeline stages than the model has "
                              f"linear layers ({n_layers}); every stage needs at least one layer: "
                              f"use --pp {n_layers} or less, or add hidden layers with --hidden")
@@ -74,7 +81,8 @@ def parse_partition(text, n_layers, pp):
         raise PartitionError(f"--partition {text!r}: expected comma-separated layer counts "
                              f"per stage, such as 2,1,1") from None
     if len(counts) != pp:
-        raise PartitionError(f"--partition {text} gives {len(counts)} stage(s) but --pp is {pp}: "
+        raise PartitionError(f"--partition {text} gives {len(counts)} stage(s) but the "
+                             f"pipeline has {pp} (--pp, times --virtual-stages): "
                              f"give one layer count per stage")
     if min(counts) < 1:
         raise PartitionError(f"--partition {text}: every stage needs at least one layer")

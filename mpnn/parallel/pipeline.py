@@ -1,12 +1,14 @@
-"""Pipeline parallelism: run one stage's schedule with non-blocking Send/Recv.
+"""Pipeline parallelism: run one rank's schedule with non-blocking Send/Recv.
 
 Each rank of a pipeline holds a contiguous range of the MLP's layers (a stage
 ``MLP(..., layers=range(a, b))``, which starts from exactly the serial
-weights). A training step cuts this replica's rows of the global batch into
-``m`` micro-batches (as even as possible, the first ``rows % m`` one row
-larger; every stage computes the same split, so a receiver always knows how
+weights), or, under an interleaved schedule, V such ranges (model chunks: the
+stages rank, rank + p, ...; ``pipeline_ir.Pipe``). A training step cuts this
+replica's rows of the global batch into ``m`` micro-batches (as even as
+possible, the first ``rows % m`` one row larger; every stage computes the same
+split, so a receiver always knows how
 many rows arrive) and runs the stage's action list (``make_schedule`` of
-``pipeline_ir.py``: the schedule's compute order with the messages added)
+``pipeline_orders.py``: the schedule's compute order with the messages added)
 through a dispatch table keyed by the action's kind::
 
     RA k    wait for micro-batch k's input         (Irecv posted at step start)
@@ -15,12 +17,19 @@ through a dispatch table keyed by the action's kind::
             batch mean enters: ``scale`` from the caller)
     SA k    Isend h_out to the next stage           (buffer kept until done)
     RG k    wait for dL/dh_out of micro-batch k
-    B k     accumulate this stage's parameter gradients, dL/dh_in
+    B k     accumulate this stage's parameter gradients, dL/dh_in; when the
+            schedule has a W for k: only dL/dh_in and the bias gradients,
+            keeping (input, dL/dz) of every layer for the W
+    W k     the weight gradients dW += inputᵀ·dL/dz of micro-batch k
     SG k    Isend dL/dh_in to the previous stage
     STEP    all gradients are final: finish the sends, sum over replicas
 
-Every message travels on the pipeline communicator to or from the stage
-``pipeline_ir.peer`` names, with the tag of ``tags.message_tag``, so every
+(each action on its model chunk: ``F3.1`` runs chunk 1). A micro-batch's
+context (its activations) is taken from a pool at its F and returns to it
+once its last backward action ran and its sends have their buffers.
+
+Every message travels on the pipeline communicator to or from the rank
+``Pipe.message`` names, with the tag of ``tags.message_tag``, so every
 receive names exactly the message it wants. Only uppercase, buffer-based
 mpi4py calls; every receive buffer is preallocated from the layer sizes and
 the micro-batch rows.
@@ -33,8 +42,8 @@ receive lands in a preallocated host buffer and is copied to the device
 buffer when its Wait returns. ``host_staging`` forces the choice (the CPU
 tests run the staged path with NumPy arrays).
 
-Shapes: B rows of a micro-batch, I = sizes[start] (stage input),
-O = sizes[stop] (stage output).
+Shapes: B rows of a micro-batch, I = sizes[start] (a chunk's input),
+O = sizes[stop] (its output).
 
 See docs/parallelism.md#6-how-a-schedule-becomes-messages.
 """
@@ -52,11 +61,11 @@ from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .gather import gather_whole
 from .partition import format_partition
-from .pipeline_ir import RECEIVES, Kind, peer
+from .pipeline_ir import RECEIVES, Action, Kind, Pipe
 from .pipeline_orders import make_schedule
 from .simulator import simulate
 from .staging import copy_from_host, copy_to_host, needs_host_staging
-from .tags import EVAL_TAG, message_tag
+from .tags import EVAL_TAG
 
 # the receive buffers a message kind lands in
 _INBOX = {Kind.RECV_ACT: "act", Kind.RECV_GRAD: "grad"}
@@ -72,58 +81,62 @@ class _MicroBatch:
 
 
 class PipelineEngine:
-    """Runs this rank's stage of a pipeline schedule; the engine of ``mpnn.train``.
+    """Runs this rank's part of a pipeline schedule; the engine of ``mpnn.train``.
 
-    model       the stage's ``MLP(..., layers=stages[pp_rank])``
+    model       the rank's ``MLP(..., layers=...)``: its stage, or its chunks
     loss        loss name (the last stage computes it)
     grid        the process grid (pp_comm: the pipeline; dp_comm: the same stage's
                 replicas; world: every rank, for the per-epoch stage times)
-    schedule    naive | gpipe | 1f1b
-    stages      layer range of every stage (for ``describe``)
+    schedule    a name of ``pipeline_orders.SCHEDULES``
+    stages      layer range of every stage, p·V of them (for ``describe``)
+    virtual_stages  model chunks per rank (interleaved schedules)
     tracer      records forward/backward/recv/send-wait/allreduce spans for --trace
     host_staging  send/receive through host buffers (default: when the
                 arrays live on a GPU and MPI is not CUDA-aware)
     """
 
     def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None,
-                 tracer=NULL_TRACER, host_staging=None):
+                 tracer=NULL_TRACER, host_staging=None, virtual_stages=1):
         self.model, self.loss, self.ops = model, loss, model.ops
         self.tracer = tracer
         self.grid, self.comm, self.world = grid, grid.pp_comm, grid.world
         self.dp_rank = grid.dp_rank
         self.stage, self.p, self.m = grid.pp_rank, grid.pp, int(micro_batches)
+        self.v = int(virtual_stages)
+        self.pipe = Pipe(self.p, self.v)
         self.schedule = schedule
         self.stages = list(stages) if stages is not None else None
-        self.is_first, self.is_last = self.stage == 0, self.stage == self.p - 1
+        self.is_first = self.pipe.is_first(self.stage)
+        self.is_last = self.pipe.is_last(self.stage, self.v - 1)
         self.needs_inputs = self.is_first  # only the first stage reads the batch's features
-        plan = make_schedule(schedule, self.p, self.m)
+        plan = make_schedule(schedule, self.p, self.m, self.v)
         sim = simulate(plan, raise_on_deadlock=True)
         self.actions = plan[self.stage]
         self.expected_peak_live = sim.peak_live[self.stage]
+        self._split = {(a.mb, a.chunk) for a in self.actions if a.kind is Kind.WEIGHT}
         self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
         self.dispatch = {Kind.FORWARD: self._forward, Kind.BACKWARD: self._backward,
+                         Kind.WEIGHT: self._weight,
                          Kind.SEND_ACT: self._send_act, Kind.RECV_ACT: self._receive,
                          Kind.SEND_GRAD: self._send_grad, Kind.RECV_GRAD: self._receive,
                          Kind.STEP: self._step}
-        xp, dt = self.ops.xp, model.dtype
-        I, O = model.in_features, model.out_features
-        # per micro-batch receive buffers (rows grow on demand): inputs and dL/d(outputs)
-        self._act_in = [xp.empty((0, I), dt) for _ in range(self.m)]  # (B, I)
-        self._grad_in = [xp.empty((0, O), dt) for _ in range(self.m)]  # (B, O)
-        self._inbox = {"act": self._act_in, "grad": self._grad_in}
+        # receive buffers per (kind, micro-batch, chunk), rows grown on demand:
+        # inputs (B, I_c) and dL/d(outputs) (B, O_c); host twins when staging
+        self._inbox = {"act": {}, "grad": {}}
+        self._inbox_host = {"act": {}, "grad": {}}
         self.host_staging = bool(needs_host_staging(model.flat.grad) if host_staging is None
                                  else host_staging)
-        # staging: where the messages land before their copy to the device
-        self._inbox_host = {"act": [np.empty((0, I), dt) for _ in range(self.m)],
-                            "grad": [np.empty((0, O), dt) for _ in range(self.m)]}
         self._free = []  # recycled _MicroBatch objects
-        self._live = {}  # micro-batch -> _MicroBatch between its Forward and Backward
-        self._grad_out = {}  # micro-batch -> _MicroBatch whose dL/dh_in awaits SendGrad
-        self._recv = {}  # ("act"|"grad", k) -> Irecv request
+        self._live = {}  # (mb, chunk) -> _MicroBatch between its F and its B
+        self._grad_out = {}  # (mb, chunk) -> _MicroBatch whose dL/dh_in awaits SendGrad
+        self._await_w = {}  # (mb, chunk) -> _MicroBatch whose W has not run
+        self._recv = {}  # ("act"|"grad", mb, chunk) -> Irecv request
         # the step in progress: micro-batch row bounds, inputs, labels, 1/global_batch, loss
         self._bounds, self._x, self._labels, self._scale, self._loss_sum = [], None, None, 0.0, 0.0
         self.peak_live = 0  # most micro-batches alive at once in the last step
-        self.forward_s = self.backward_s = self.idle_s = self.sync_s = 0.0  # seconds
+        self.forward_s = self.backward_s = self.weight_s = self.idle_s = self.sync_s = 0.0
+        # per action kind and chunk: seconds and count since the last epoch_metrics
+        self._cost = {k: [[0.0, 0] for _ in range(self.v)] for k in "FBW"}
 
     # ------------------------------------------------------------- one step
 
@@ -131,7 +144,7 @@ class PipelineEngine:
         """One global batch: x (b, I0) and labels (b,) are this replica's rows.
 
         Only the first stage reads x (``needs_inputs``; the others may pass
-        None). Leaves the gradient of the global-batch mean loss in the stage's flat
+        None). Leaves the gradient of the global-batch mean loss in the rank's flat
         gradient buffer (summed over replicas); returns the loss sum of these
         rows on the last stage and 0.0 on the others.
         """
@@ -144,7 +157,7 @@ class PipelineEngine:
         self._post_receives()
         for action in self.actions:
             self.dispatch[action.kind](action)
-        assert not self._live and not self._recv, "schedule left work behind"
+        assert not (self._live or self._recv or self._await_w), "schedule left work behind"
         assert self.peak_live == self.expected_peak_live, (
             f"stage {self.stage}: {self.peak_live} live micro-batches, "
             f"simulator says {self.expected_peak_live}")
@@ -154,11 +167,19 @@ class PipelineEngine:
         lo, hi = self._bounds[k]
         return hi - lo
 
-    def _buffer(self, pool, k, rows, xp=None):
-        """Rows [0, rows) of micro-batch k's receive buffer (contiguous)."""
-        if pool[k].shape[0] < rows:
-            pool[k] = (xp or self.ops.xp).empty((rows, pool[k].shape[1]), self.model.dtype)
-        return pool[k][:rows]
+    def _width(self, kind, chunk):
+        """Features of a message of ``kind`` into ``chunk``: its input or its output."""
+        I, O = self.model.chunk_features(chunk)
+        return I if kind == "act" else O
+
+    def _buffer(self, kind, key, rows, host=False):
+        """Rows [0, rows) of the receive buffer of ``kind`` for (mb, chunk) ``key``."""
+        pool = (self._inbox_host if host else self._inbox)[kind]
+        buf = pool.get(key)
+        if buf is None or buf.shape[0] < rows:
+            xp = np if host else self.ops.xp
+            buf = pool[key] = xp.empty((rows, self._width(kind, key[1])), self.model.dtype)
+        return buf[:rows]
 
     def _post_receives(self):
         """Post every receive of the step up front into its preallocated buffer
@@ -166,29 +187,28 @@ class PipelineEngine:
         for a in self.actions:
             if a.kind not in RECEIVES:
                 continue
-            kind, rows = _INBOX[a.kind], self._rows(a.mb)
-            buf = self._buffer(self._inbox[kind], a.mb, rows)
-            if self.host_staging:
-                buf = self._buffer(self._inbox_host[kind], a.mb, rows, np)
-            self._recv[kind, a.mb] = self.comm.Irecv(buf, source=peer(a.kind, self.stage),
-                                                     tag=message_tag(a.kind, a.mb))
+            kind, rows, key = _INBOX[a.kind], self._rows(a.mb), (a.mb, a.chunk)
+            buf = self._buffer(kind, key, rows, host=self.host_staging)
+            src, _, tag = self.pipe.message(a, self.stage)
+            self._recv[kind, a.mb, a.chunk] = self.comm.Irecv(buf, source=src, tag=tag)
 
     def _isend(self, mb, kind, rows, dest, tag):
         """Isend ``rows`` (B, F) held by ``mb`` (a _MicroBatch); the request joins
         ``mb.requests`` (and the staged host copy stays in ``mb.host``)."""
         self.ops.synchronize()  # the kernels writing rows must have finished
         if self.host_staging:
-            host = mb.host.get(kind)  # (B', F): each kind has one width F
+            slot = (kind, rows.shape[1])  # (B', F): chunks may differ in width F
+            host = mb.host.get(slot)
             if host is None or host.shape[0] < rows.shape[0]:
-                host = mb.host[kind] = np.empty(rows.shape, self.model.dtype)
+                host = mb.host[slot] = np.empty(rows.shape, self.model.dtype)
             rows = copy_to_host(rows, host[:rows.shape[0]])
         mb.requests.append(self.comm.Isend(rows, dest=dest, tag=tag))
 
-    def _landed(self, kind, k):
-        """After micro-batch k's receive completed: staged data onto the device."""
+    def _landed(self, kind, key):
+        """After a receive completed: staged data onto the device."""
         if self.host_staging:
-            rows = self._rows(k)
-            copy_from_host(self._inbox_host[kind][k][:rows], self._inbox[kind][k][:rows])
+            rows = self._rows(key[0])
+            copy_from_host(self._inbox_host[kind][key][:rows], self._buffer(kind, key, rows))
 
     def _wait(self, requests, timed=True):
         """Wait for requests; the time counts as this stage's idle time."""
@@ -198,18 +218,31 @@ class PipelineEngine:
         if timed:
             self.idle_s += time.perf_counter() - t0
 
+    def _timed(self, kind, chunk, t0):
+        seconds = time.perf_counter() - t0
+        cell = self._cost[kind][chunk]
+        cell[0] += seconds
+        cell[1] += 1
+        return seconds
+
+    def _release(self, key, mb):
+        """Back to the pool once nothing of (mb, chunk) ``key`` is pending."""
+        if key not in self._grad_out and key not in self._await_w:
+            self._free.append(mb)  # reused only after its requests complete (see _forward)
+
     # ---------------------------------------------------- the dispatch table
 
     def _receive(self, a):
         kind = _INBOX[a.kind]
         with self.tracer.span(f"recv {kind}", mb=a.mb):
-            self._wait([self._recv.pop((kind, a.mb))])
-        self._landed(kind, a.mb)
+            self._wait([self._recv.pop((kind, a.mb, a.chunk))])
+        self._landed(kind, (a.mb, a.chunk))
 
     def _forward(self, a):
-        k = a.mb
+        k, c = a.mb, a.chunk
         lo, hi = self._bounds[k]
-        x = self._x[lo:hi] if self.is_first else self._act_in[k][:hi - lo]  # (B, I)
+        first = self.pipe.is_first(self.stage, c)
+        x = self._x[lo:hi] if first else self._buffer("act", (k, c), hi - lo)  # (B, I)
         mb = self._free.pop() if self._free else _MicroBatch()
         if mb.requests:
             with self.tracer.span("send wait"):
@@ -217,42 +250,60 @@ class PipelineEngine:
         mb.requests.clear()
         t0 = time.perf_counter()
         with self.tracer.span("forward", mb=k):
-            out = self.model.forward(x, mb.ctx)  # (B, O)
-            if self.is_last and hi > lo:
-                dlogits = self._buffer(self._grad_in, k, hi - lo)  # (B, C)
+            out = self.model.forward(x, mb.ctx, chunk=c)  # (B, O)
+            if self.pipe.is_last(self.stage, c) and hi > lo:
+                dlogits = self._buffer("grad", (k, c), hi - lo)  # (B, C)
                 self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi],
                                                 self._scale, dlogits)
-        self.forward_s += time.perf_counter() - t0
-        self._live[k] = mb
-        self.peak_live = max(self.peak_live, len(self._live))
+        self.forward_s += self._timed("F", c, t0)
+        self._live[k, c] = mb
+        self.peak_live = max(self.peak_live, len(self._live) + len(self._await_w))
 
     def _send_act(self, a):
-        mb = self._live[a.mb]
-        out = mb.ctx.outputs[self.model.layers.stop - 1]  # (B, O), read by Backward too
-        self._isend(mb, "act", out, peer(a.kind, self.stage), message_tag(a.kind, a.mb))
+        mb = self._live[a.mb, a.chunk]
+        out = mb.ctx.outputs[self.model.chunks[a.chunk].stop - 1]  # (B, O), read by B too
+        _, dest, tag = self.pipe.message(a, self.stage)
+        self._isend(mb, "act", out, dest, tag)
 
     def _backward(self, a):
-        k = a.mb
-        mb = self._live.pop(k)
-        dout = self._grad_in[k][:self._rows(k)]  # (B, O), received or from the loss
+        key = (a.mb, a.chunk)
+        mb = self._live.pop(key)
+        rows = self._rows(a.mb)
+        dout = self._buffer("grad", key, rows)  # (B, O), received or from the loss
+        first = self.pipe.is_first(self.stage, a.chunk)
+        split = key in self._split
         t0 = time.perf_counter()
-        if self._rows(k):
-            with self.tracer.span("backward", mb=k):
-                self.model.backward(dout, mb.ctx, need_input_grad=not self.is_first)
-        self.backward_s += time.perf_counter() - t0
-        if self.is_first:
-            self._free.append(mb)  # activations released right after the backward
-        else:
-            self._grad_out[k] = mb  # released once SendGrad has its buffer
+        if rows:
+            with self.tracer.span("backward", mb=a.mb):
+                self.model.backward(dout, mb.ctx, need_input_grad=not first, chunk=a.chunk,
+                                    weights=not split)
+        self.backward_s += self._timed("B", a.chunk, t0)
+        if split:
+            self._await_w[key] = mb  # its inputs and dL/dz stay for the W
+        if not first:
+            self._grad_out[key] = mb  # released once SendGrad has its buffer
+        self._release(key, mb)
+
+    def _weight(self, a):
+        key = (a.mb, a.chunk)
+        mb = self._await_w.pop(key)
+        t0 = time.perf_counter()
+        if self._rows(a.mb):
+            with self.tracer.span("weight", mb=a.mb):
+                self.model.backward_weight(mb.ctx)
+        self.weight_s += self._timed("W", a.chunk, t0)
+        self._release(key, mb)
 
     def _send_grad(self, a):
-        mb = self._grad_out.pop(a.mb)
+        key = (a.mb, a.chunk)
+        mb = self._grad_out.pop(key)
         rows = self._rows(a.mb)
-        start = self.model.layers.start
+        start = self.model.chunks[a.chunk].start
         dh = mb.ctx.grads[start][:rows] if rows else \
-            self.ops.xp.empty((0, self.model.in_features), self.model.dtype)  # (B, I)
-        self._isend(mb, "grad", dh, peer(a.kind, self.stage), message_tag(a.kind, a.mb))
-        self._free.append(mb)  # reused only after its requests complete (see _forward)
+            self.ops.xp.empty((0, self.model.sizes[start]), self.model.dtype)  # (B, I)
+        _, dest, tag = self.pipe.message(a, self.stage)
+        self._isend(mb, "grad", dh, dest, tag)
+        self._release(key, mb)
 
     def _step(self, a):
         with self.tracer.span("send wait"):
@@ -269,38 +320,47 @@ class PipelineEngine:
     def evaluate(self, x, labels, chunk=2048):
         """Forward-only through the pipeline over this replica's rows x (n, I0).
 
-        Only the first stage reads x (the others may pass None). Chunks flow
-        stage to stage (the next chunk's forward overlaps the previous
-        chunk's send). Returns (loss_sum, n_correct) on the last stage,
-        (0.0, 0) on the others.
+        Only the first stage reads x (the others may pass None). Chunks of rows
+        flow stage to stage, through every model chunk in turn (the next chunk's
+        forward overlaps the previous one's send); every message of the
+        evaluation carries ``EVAL_TAG``, and each rank receives them in the order
+        its neighbour sends them. Returns (loss_sum, n_correct) on the last
+        stage, (0.0, 0) on the others.
         """
         loss_sum, correct = 0.0, 0
         n = int(labels.shape[0])
-        slots = [_MicroBatch(), _MicroBatch()]  # double-buffered outputs
-        shape = (min(chunk, n), self.model.in_features)
-        inbuf = self.ops.xp.empty(shape, self.model.dtype)
-        inhost = np.empty(shape, self.model.dtype) if self.host_staging else None
+        rows = min(chunk, n)
+        slots = [[_MicroBatch(), _MicroBatch()] for _ in range(self.v)]  # double-buffered
+        inbuf = [self.ops.xp.empty((rows, self.model.chunk_features(c)[0]), self.model.dtype)
+                 for c in range(self.v)]
+        inhost = [np.empty(b.shape, self.model.dtype) for b in inbuf] if self.host_staging \
+            else None
+        receive, send = Action(Kind.RECV_ACT, 0), Action(Kind.SEND_ACT, 0)
         for j, (lo, hi) in enumerate(batch_bounds(n, chunk)):
-            if self.is_first:
-                h = x[lo:hi]
-            else:
-                h = inbuf[:hi - lo]
-                if inhost is None:
-                    self.comm.Recv(h, source=self.stage - 1, tag=EVAL_TAG)
+            for c in range(self.v):
+                if self.pipe.is_first(self.stage, c):
+                    h = x[lo:hi]
                 else:
-                    self.comm.Recv(inhost[:hi - lo], source=self.stage - 1, tag=EVAL_TAG)
-                    copy_from_host(inhost[:hi - lo], h)
-            slot = slots[j % 2]
-            self._wait(slot.requests, timed=False)
-            slot.requests.clear()
-            out = self.model.forward(h, slot.ctx)  # (B, O)
-            if self.is_last:
-                l, c = self.ops.predict_stats(out, labels[lo:hi], self.loss)
-                loss_sum, correct = loss_sum + l, correct + c
-            else:
-                self._isend(slot, "act", out, self.stage + 1, EVAL_TAG)
-        for slot in slots:
-            self._wait(slot.requests, timed=False)
+                    src = self.pipe.peer(receive.kind, self.stage, c)[0]
+                    h = inbuf[c][:hi - lo]
+                    if inhost is None:
+                        self.comm.Recv(h, source=src, tag=EVAL_TAG)
+                    else:
+                        self.comm.Recv(inhost[c][:hi - lo], source=src, tag=EVAL_TAG)
+                        copy_from_host(inhost[c][:hi - lo], h)
+                slot = slots[c][j % 2]
+                self._wait(slot.requests, timed=False)
+                slot.requests.clear()
+                out = self.model.forward(h, slot.ctx, chunk=c)  # (B, O)
+                if self.pipe.is_last(self.stage, c):
+                    l, k = self.ops.predict_stats(out, labels[lo:hi], self.loss)
+                    loss_sum, correct = loss_sum + l, correct + k
+                else:
+                    dest = self.pipe.peer(send.kind, self.stage, c)[0]
+                    self._isend(slot, "act", out, dest, EVAL_TAG)
+        for pair in slots:
+            for slot in pair:
+                self._wait(slot.requests, timed=False)
         return loss_sum, correct
 
     # -------------------------------------------------------------- weights
@@ -309,12 +369,12 @@ class PipelineEngine:
         """The whole model's named tensors on the replica-0 first stage ({} elsewhere).
 
         Collective over the pipeline of replica 0 (``gather_whole``): the
-        stages' flat parameter buffers, concatenated in stage order, are the
-        whole model's flat buffer; its layout names the tensors.
+        stages' flat parameter buffers, put in layer order, are the whole
+        model's flat buffer; its layout names the tensors.
         """
         self.ops.synchronize()
         flat = np.ascontiguousarray(self.ops.to_host(self.model.flat.data))  # (n_s,)
-        whole = gather_whole(self.grid, {"params": flat})
+        whole = gather_whole(self.grid, {"params": flat}, self.model.layout)
         if whole is None:
             return {}
         views = Layout(self.model.sizes).views(whole["params"])
@@ -334,6 +394,8 @@ class PipelineEngine:
         """The start-up line: grid, schedule, micro-batches, layers per stage."""
         line = (f"pipeline dp {self.grid.dp} x pp {self.p}, {self.schedule} schedule, "
                 f"{self.m} micro-batch(es)")
+        if self.v > 1:
+            line += f", {self.v} virtual stages per rank"
         if self.stages is not None:
             line += f", layers per stage {format_partition(self.stages)}"
         return line
@@ -348,28 +410,38 @@ class PipelineEngine:
         """Per-stage compute / idle / gradient-sync seconds since the last call.
 
         Collective over ``world`` (all ranks of the grid); each stage's times
-        are averaged over its replicas. busy = forward + backward (the loss
-        included on the last stage), idle = waiting for a message. Also the
-        measured bubble: idle / (busy + idle) over all stages. The forward and
-        backward seconds per micro-batch can be fed to ``python -m
-        mpnn.schedule --stage-costs`` to predict the bubble of this pipeline.
+        are averaged over its replicas. busy = forward + backward + weight
+        gradients (the loss included on the last stage), idle = waiting for a
+        message. Also the measured bubble: idle / (busy + idle) over all
+        stages, and ``action_costs_s``: the mean seconds of one F, B and W on
+        each rank and chunk, which ``python -m mpnn.schedule --costs-from``
+        reads to predict this pipeline's bubble.
         """
-        mine = np.array([self.stage, self.forward_s, self.backward_s, self.idle_s, self.sync_s],
-                        dtype=np.float64)
-        self.forward_s = self.backward_s = self.idle_s = self.sync_s = 0.0
+        costs = [self._cost[k][c][0] / self._cost[k][c][1] if self._cost[k][c][1] else 0.0
+                 for k in "FBW" for c in range(self.v)]
+        mine = np.array([self.stage, self.forward_s, self.backward_s, self.weight_s,
+                         self.idle_s, self.sync_s, *costs], dtype=np.float64)
+        self.forward_s = self.backward_s = self.weight_s = self.idle_s = self.sync_s = 0.0
+        self._cost = {k: [[0.0, 0] for _ in range(self.v)] for k in "FBW"}
         every = np.empty((world.Get_size(), mine.size), dtype=np.float64)
         world.Allgather(mine, every)
         sums, count = np.zeros((self.p, mine.size - 1)), np.zeros((self.p, 1))
         for row in every:
             sums[int(row[0])] += row[1:]
             count[int(row[0])] += 1
-        fwd, bwd, idle, sync = (sums / count).T
-        busy = fwd + bwd
+        means = sums / count  # (p, 5 + 3v)
+        fwd, bwd, wgt, idle, sync = means[:, :5].T
+        busy = fwd + bwd + wgt
         total = busy.sum() + idle.sum()
+        per = means[:, 5:].reshape(self.p, 3, self.v)  # (p, kind, chunk)
         return {"stage_busy_s": _rounded(busy), "stage_idle_s": _rounded(idle),
                 "stage_sync_s": _rounded(sync), "stage_forward_s": _rounded(fwd),
-                "stage_backward_s": _rounded(bwd),
-                "bubble": float(idle.sum() / total) if total else 0.0}
+                "stage_backward_s": _rounded(bwd), "stage_weight_s": _rounded(wgt),
+                "bubble": float(idle.sum() / total) if total else 0.0,
+                "action_costs_s": {k: [[round(float(x), 9) for x in per[r, j]]
+                                       for r in range(self.p)] for j, k in enumerate("FBW")},
+                "message_latency_s": 0.0, "schedule": self.schedule, "pp": self.p,
+                "virtual_stages": self.v, "micro_batches": self.m}
 
 
 def _rounded(a):

@@ -348,7 +348,8 @@ class Checkpointer:
         ops = model.ops
         ops.synchronize()
         local = {"params": model.flat.data, **opt.state()}
-        whole = gather_whole(self.grid, {name: _host(ops, a) for name, a in local.items()})
+        whole = gather_whole(self.grid, {name: _host(ops, a) for name, a in local.items()},
+                             model.layout)
         if whole is None:
             return None, None
         return whole.pop("params"), whole

@@ -75,6 +75,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages per replica
     micro_batches: int = 1
     schedule: str = "1f1b"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedules)
     partition: str | None = None  # layers per stage, "2,1,1" (None: balanced)
     bucket_mb: float = 0.1  # overlapped gradient Allreduce buckets (0: one blocking call)
     threads: int | None = None  # BLAS/numba threads per rank (None: this rank's cores)
@@ -138,7 +139,8 @@ def validate(config, world_size):
                           f"use --batch-size >= {world_size} or fewer ranks")
     try:  # grid, stages, partition and micro-batches
         check_pipeline_config(world_size, par.dp, par.pp, len(m.hidden) + 1,
-                              config.batch_size, par.micro_batches, par.partition)
+                              config.batch_size, par.micro_batches, par.partition,
+                              par.schedule, par.virtual_stages)
     except PipelineConfigError as e:
         raise ConfigError(str(e)) from None
     if o.lr is not None and o.lr == 0:

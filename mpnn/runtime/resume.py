@@ -81,10 +81,12 @@ def compare_config(saved, current, path):
             for n in LOOSE if saved.get(n) != current[n]]
 
 
-def _stage_span(sizes, layers):
-    """(start, stop) of a stage's layers inside the whole model's flat layout."""
-    full = Layout(sizes)
-    return full.layer_span(layers.start)[0], full.layer_span(layers.stop - 1)[1]
+def _chunk_spans(layout):
+    """For each chunk of this rank's ``layout``: ((start, stop) in the whole model's
+    flat layout, (start, stop) in this rank's)."""
+    full = Layout(layout.sizes)
+    return [((full.layer_span(c.start)[0], full.layer_span(c.stop - 1)[1]),
+             layout.chunk_span(k)) for k, c in enumerate(layout.chunks)]
 
 
 @dataclass
@@ -122,9 +124,9 @@ class Resume:
             raise CheckpointError(
                 f"checkpoint {self.path}: optimizer state {sorted(saved) or 'none'}, but this "
                 f"run's optimizer keeps {sorted(state) or 'none'} (--momentum 0 keeps none)")
-        lo, hi = _stage_span(model.sizes, model.layers)
-        for name, arr in state.items():
-            arr[...] = model.ops.to_device(saved[name][lo:hi].astype(arr.dtype, copy=False))
+        for (lo, hi), (a, b) in _chunk_spans(model.layout):  # one span per model chunk
+            for name, arr in state.items():
+                arr[a:b] = model.ops.to_device(saved[name][lo:hi].astype(arr.dtype, copy=False))
         opt.t = int(self.checkpoint.meta["optimizer_t"])
 
 

@@ -58,8 +58,11 @@ def setup(config, comm):
     data = load_data(config, comm, dtype)
     ops = get_ops(resolve_backend(config.model.backend))
     sizes = [data.n_features, *config.model.hidden, data.num_classes]
-    stages = partition_layers(sizes, grid.pp, par.partition) if grid.pp > 1 else None
-    layers = stages[grid.pp_rank] if stages else None  # a stage holds only its layers
+    v = par.virtual_stages
+    stages = partition_layers(sizes, grid.pp * v, par.partition) if grid.pp > 1 else None
+    # a rank holds only its layers: its stage, or its chunks (stages rank, rank + pp, ...)
+    layers = None if not stages else stages[grid.pp_rank] if v == 1 else \
+        [stages[c * grid.pp + grid.pp_rank] for c in range(v)]
     model = MLP(sizes, config.model.activation, dtype, config.seed, layers=layers, ops=ops)
     init = config.model.init
     if init:
@@ -76,7 +79,8 @@ def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
     par, loss = config.parallel, config.model.loss
     if grid.pp == 1:
         return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer)
-    return PipelineEngine(model, loss, grid, par.schedule, par.micro_batches, stages, tracer)
+    return PipelineEngine(model, loss, grid, par.schedule, par.micro_batches, stages, tracer,
+                          virtual_stages=par.virtual_stages)
 
 
 def load_data(config, comm, dtype):
