@@ -16,6 +16,10 @@ micro-batches whose activations are alive on each stage. With costs
 simulator and predicts the step time and bubble; with ``--sizes`` and
 ``--micro-batch-rows`` the peak activation bytes per stage. No MPI is involved.
 
+This module is the command line (its options and ``main``); ``mpnn.schedule_costs``
+reads and prices the costs and bytes, ``mpnn.schedule_report`` writes the
+bubble lines and draws the Gantt chart.
+
 The published formulas, with unit costs:
 
     gpipe, 1f1b        (p-1)/(m+p-1)
@@ -35,132 +39,25 @@ The published formulas, with unit costs:
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 
 from .parallel.partition import PartitionError, format_partition, partition_layers
 from .parallel.pipeline_ir import Kind, format_actions
-from .parallel.pipeline_orders import (
-    SCHEDULES,
-    ScheduleConfigError,
-    analytic_bubble,
-    check_schedule,
-    make_schedule,
-)
+from .parallel.pipeline_orders import SCHEDULES, ScheduleConfigError, check_schedule, make_schedule
 from .parallel.simulator import simulate, timeline
 from .runtime.options import nonneg_float
-
-ITEMSIZE = {"float32": 4, "float64": 8}
-# the paper's idle time per stage: (p-1)(F + B - k·W)
-_PAPER_W = {"1f1b": -1, "zb-h1": 1, "zb-h2": 2}
-_PAPER_NAME = {"1f1b": "1F1B", "zb-h1": "ZB-H1", "zb-h2": "ZB-H2"}
-DEFAULTS = {"pp": 4, "micro_batches": 8, "schedule": "1f1b", "virtual_stages": 1}
-
-COSTS_HELP = """\
-costs: F:B:W are the seconds (or any unit) of one micro-batch's forward, input
-  gradient dL/dx, and weight gradient on a stage. A schedule that does not split
-  the backward (no W) runs B+W in its B. Without W (F:B, or W 0 in a metrics
-  file whose schedule had none), B is the whole backward: a zero-bubble
-  schedule's B and W then take half of it each (an MLP's backward is two GEMMs
-  of one size, dz·Wt and xt·dz). Without B, B = F x --backward-ratio.
-
-bytes: one micro-batch on a chunk keeps its layers' activations from its F
-  until its last backward action (its W if it has one, else its B):
-  R x (inputs of the chunk's first layer + the outputs of each of its layers)
-  x itemsize, for R = --micro-batch-rows. That is what the layers cache: each
-  linear layer its input x, each activation its output y (the next layer's
-  input), the last its logits. The layers are cut into p x V stages as
-  mpnn.train cuts them (balanced estimated cost, or --partition); stage g is
-  chunk g // p of rank g % p.
-"""
-
+from .schedule_costs import (
+    COSTS_HELP,
+    DEFAULTS,
+    ITEMSIZE,
+    cost_function,
+    parse_stage_costs,
+    read_costs,
+    unit_bytes,
+)
+from .schedule_report import cost_text, formula_line, plot, zero_bubble_lines
 
 # ------------------------------------------------------------------ options
-
-
-def _entry(text, option):
-    """'F[:B[:W]]' -> [F] or [F, B] or [F, B, W], positive finite numbers."""
-    try:
-        values = [float(v) for v in text.split(":")]
-    except ValueError:
-        raise ValueError(f"{option}: expected F[:B[:W]] numbers, got {text!r}") from None
-    if len(values) > 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{option}: {text!r} is not F, F:B or F:B:W positive numbers")
-    return values
-
-
-def parse_stage_costs(text, p, v, ratio):
-    """``--stage-costs`` -> costs[rank][chunk] = (F, B, W or None): one F[:B[:W]] per
-    stage, or per stage per chunk with '/' between chunks when v > 1."""
-    option = f"--stage-costs {text}"
-    stages = text.split(",")
-    if len(stages) != p:
-        raise ValueError(f"{option}: needs {p} positive F[:B[:W]] entries, one per stage "
-                         f"(--pp {p}), comma-separated")
-    costs = []
-    for item in stages:
-        chunks = [_entry(c, option) for c in item.split("/")]
-        if len(chunks) not in (1, v):
-            raise ValueError(f"{option}: {item!r} gives {len(chunks)} chunks; give one "
-                             f"F[:B[:W]] per stage or, with --virtual-stages {v}, {v} of them "
-                             f"separated by '/'")
-        full = [(c[0], c[1] if len(c) > 1 else c[0] * ratio, c[2] if len(c) > 2 else None)
-                for c in chunks]
-        costs.append(full * v if len(full) == 1 else full)
-    return costs
-
-
-def read_costs(path):
-    """The last record of a ``python -m mpnn.train --metrics`` file: its per-action
-    costs[rank][chunk] = (F, B, W or None), message latency, and the pipeline keys."""
-    try:
-        with open(path) as f:
-            lines = [line for line in f if line.strip()]
-    except OSError as e:
-        raise ValueError(f"--costs-from {path}: cannot read it ({e.strerror})") from None
-    if not lines:
-        raise ValueError(f"--costs-from {path}: empty; expected the JSON lines of "
-                         f"python -m mpnn.train --metrics")
-    try:
-        record = json.loads(lines[-1])
-    except ValueError as e:
-        raise ValueError(f"--costs-from {path}: the last line is not a JSON record ({e})") from None
-    table = record.get("action_costs_s") if isinstance(record, dict) else None
-    if not isinstance(table, dict):
-        raise ValueError(f"--costs-from {path}: the last record has no action_costs_s; "
-                         f"write one with a pipeline run, mpirun -n P python -m mpnn.train "
-                         f"--pp P --metrics FILE")
-
-    def grid(key):
-        rows = table.get(key)
-        ok = (isinstance(rows, list) and rows and all(isinstance(r, list) and r for r in rows)
-              and all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                      and math.isfinite(x) and x >= 0 for r in rows for x in r))
-        if not ok:
-            raise ValueError(f"--costs-from {path}: action_costs_s[{key!r}] must be a list per "
-                             f"rank of seconds >= 0 per chunk, got {rows!r}")
-        return rows
-
-    f, b, w = grid("F"), grid("B"), grid("W")
-    shape = [len(r) for r in f]
-    if [len(r) for r in b] != shape or [len(r) for r in w] != shape or len(set(shape)) != 1:
-        raise ValueError(f"--costs-from {path}: action_costs_s F, B and W must all be "
-                         f"ranks x chunks of one shape")
-    costs = [[(f[r][c], b[r][c], w[r][c] or None) for c in range(shape[0])]
-             for r in range(len(f))]
-    latency = record.get("message_latency_s", 0.0)
-    if isinstance(latency, bool) or not isinstance(latency, (int, float)) \
-            or not (math.isfinite(latency) and latency >= 0):
-        raise ValueError(f"--costs-from {path}: message_latency_s must be seconds >= 0, "
-                         f"got {latency!r}")
-    keys = {k: record[k] for k in DEFAULTS if record.get(k) is not None}
-    if keys.get("schedule", "1f1b") not in SCHEDULES or not all(
-            isinstance(keys[k], int) and not isinstance(keys[k], bool) for k in keys
-            if k != "schedule"):
-        raise ValueError(f"--costs-from {path}: schedule, pp, virtual_stages and micro_batches "
-                         f"must be a schedule name and integers, got {keys}")
-    return costs, float(latency), keys
 
 
 def _sizes(text):
@@ -276,117 +173,7 @@ def parse_args(argv=None):
     return args
 
 
-# ------------------------------------------------------------------ the model
-
-
-def cost_function(costs, schedule):
-    """cost(rank, action) of the timed simulator from costs[rank][chunk] = (F, B, W or
-    None) (see COSTS_HELP): a split B costs B, an unsplit one B + W."""
-    split = [{(a.mb, a.chunk) for a in acts if a.kind is Kind.WEIGHT} for acts in schedule]
-
-    def cost(rank, a):
-        f, b, w = costs[rank][a.chunk]
-        if a.kind is Kind.FORWARD:
-            return f
-        if a.kind is Kind.WEIGHT or (a.mb, a.chunk) in split[rank]:
-            return b / 2 if w is None else (w if a.kind is Kind.WEIGHT else b)
-        return b if w is None else b + w
-    return cost
-
-
-def unit_bytes(sizes, layers, rows, itemsize, p):
-    """bytes(rank, chunk) one micro-batch keeps on that chunk (see COSTS_HELP)."""
-    def size(rank, chunk):
-        span = layers[chunk * p + rank]
-        return rows * (sizes[span.start] + sum(sizes[i + 1] for i in span)) * itemsize
-    return size
-
-
-def paper_idle(name, p, f, b, w):
-    """The zero-bubble paper's idle time per stage: (p-1)(F + B - k·W), k = -1 (1F1B,
-    its backward in one piece), 1 (ZB-H1), 2 (ZB-H2); never below 0."""
-    return max(0.0, (p - 1) * (f + b - _PAPER_W[name] * w))
-
-
-def _effective(costs, rank):
-    """(F, B, W) a zero-bubble schedule runs on ``rank`` (chunk 0: V = 1)."""
-    f, b, w = costs[rank][0]
-    return (f, b / 2, b / 2) if w is None else (f, b, w)
-
-
-def _zero_bubble_lines(name, p, m, costs, measured_idle, measured_bubble):
-    """What the paper predicts for ``name`` with costs per rank, next to the measurement."""
-    per = [_effective(costs, r) for r in range(p)]
-    idle = [paper_idle(name, p, *c) for c in per]
-    work = [m * sum(c) for c in per]
-    bubble = sum(idle) / (sum(idle) + sum(work)) if sum(idle) + sum(work) else 0.0
-    k = {1: "-W", 2: "-2W"}[_PAPER_W[name]]
-    alike = len(set(per)) == 1
-    fbw = "F:B:W " + (":".join(f"{x:g}" for x in per[0]) if alike else "per stage")
-    onef = ", ".join(f"{paper_idle('1f1b', p, *c):.4g}" for c in (per[:1] if alike else per))
-    return [f"  zero-bubble paper, {fbw}: {_PAPER_NAME[name]} idles (p-1)(F+B{k}) per stage = "
-            + ", ".join(f"{x:.4g}" for x in (idle[:1] if alike else idle))
-            + f" (1F1B's (p-1)(F+B+W) = {onef}): predicts bubble {bubble:.4f}"
-            + ("" if alike else " (the paper takes the stages alike)"),
-            "  simulator measures idle per stage "
-            + ", ".join(f"{x:.4g}" for x in measured_idle) + f": bubble {measured_bubble:.4f}"
-            + ("" if name == "zb-h1" else "  (the paper's ZB-H2 count is the steady state of "
-               "back-to-back steps; this is one step, see --help)")]
-
-
 # ------------------------------------------------------------------ output
-
-
-COLORS = {Kind.FORWARD: "#4c72b0", Kind.BACKWARD: "#dd8452", Kind.WEIGHT: "#55a868"}
-LABELS = {Kind.FORWARD: "forward F", Kind.BACKWARD: "backward B (dL/dx only where a W follows)",
-          Kind.WEIGHT: "weight gradient W"}
-
-
-def plot(bars, p, title, xlabel, path):
-    """A Gantt chart of ``bars`` = [(stage, start, length, action)]: one row per stage,
-    F, B, W in three colours, each bar labelled with its micro-batch (and .chunk)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    end = max([t + d for _, t, d, _ in bars], default=1.0)
-    unit = min([d for _, _, d, _ in bars if d > 0], default=1.0)
-    fig, ax = plt.subplots(figsize=(min(40.0, max(6.0, 0.35 * end / unit + 1.5)), 0.6 * p + 1.4))
-    for s, t, d, a in bars:
-        ax.broken_barh([(t, d)], (s - 0.4, 0.8), facecolors=COLORS[a.kind], edgecolor="white")
-        ax.text(t + d / 2, s, str(a)[len(a.kind.value):], ha="center", va="center",
-                fontsize=7, color="white")
-    ax.set_ylim(p - 0.5, -0.5)
-    ax.set_xlim(0, end)
-    ax.xaxis.get_major_locator().set_params(integer=xlabel.startswith("time slot"))
-    ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    kinds = [k for k in COLORS if any(a.kind is k for _, _, _, a in bars)]
-    ax.legend(handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in kinds],
-              loc="upper right", bbox_to_anchor=(1.0, -0.15), ncol=len(kinds), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _cost_text(costs):
-    def one(f, b, w):
-        return f"{f:g}:{b:g}" + ("" if w is None else f":{w:g}")
-    return ", ".join("/".join(one(*c) for c in chunks) for chunks in costs)
-
-
-def _formula_line(name, p, m, v, bubble):
-    if name == "interleaved-1f1b":
-        return (f"bubble: simulated {bubble:.4f}   formula (p-1)/(V·m+p-1) = "
-                f"{analytic_bubble(p, m, v):.4f}  (V = {v})")
-    if name in _PAPER_W and name != "1f1b":
-        return f"bubble: simulated {bubble:.4f}   with unit F, B, W:"
-    note = "" if name != "naive" else "  (formula is GPipe/1F1B's; naive has no overlap)"
-    return (f"bubble: simulated {bubble:.4f}   formula (p-1)/(m+p-1) = "
-            f"{analytic_bubble(p, m):.4f}{note}")
 
 
 def main(argv=None):
@@ -416,11 +203,11 @@ def main(argv=None):
     print()
     print(f"slots {result.slots}, busy per stage {result.busy[0]}, "
           f"idle per stage {', '.join(map(str, result.idle))}")
-    print(_formula_line(name, p, m, v, result.bubble))
+    print(formula_line(name, p, m, v, result.bubble))
     zero_bubble = name in ("zb-h1", "zb-h2")
     if zero_bubble:
         ones = [[(1.0, 1.0, 1.0)]] * p
-        for line in _zero_bubble_lines(name, p, m, ones, result.idle, result.bubble):
+        for line in zero_bubble_lines(name, p, m, ones, result.idle, result.bubble):
             print(line)
     split = any(a.kind is Kind.WEIGHT for acts in schedule for a in acts)
     print("peak micro-batches in flight per stage: "
@@ -450,13 +237,13 @@ def main(argv=None):
             lat += " (no W: B and W half of B each)"
         step = (f"predicted step time {tl.makespan:.4g} s" if args.measured
                 else f"makespan {tl.makespan:.4g}")
-        print(f"with {source}{_cost_text(costs) if costs else ''}{lat}: {step}, "
+        print(f"with {source}{cost_text(costs) if costs else ''}{lat}: {step}, "
               f"bubble {tl.bubble:.4f}")
         if args.measured or args.latency or v > 1 or split or label == "F:B:W":
             print(f"  busy per stage {', '.join(f'{b:.4g}' for b in tl.busy)}; "
                   f"idle per stage {', '.join(f'{x:.4g}' for x in tl.idle)}")
         if zero_bubble and costs:
-            for line in _zero_bubble_lines(name, p, m, costs, tl.idle, tl.bubble):
+            for line in zero_bubble_lines(name, p, m, costs, tl.idle, tl.bubble):
                 print(line)
     if args.plot:
         title = f"{name}  p={p}  m={m}" + (f"  V={v}" if v > 1 else "")

@@ -507,7 +507,7 @@ def test_cli_peak_bytes(capsys):
 
 
 def test_cli_plots_f_b_and_w(capsys, tmp_path):
-    from mpnn.schedule import COLORS
+    from mpnn.schedule_report import COLORS
 
     assert len(set(COLORS.values())) == 3
     for extra in ([], ["--stage-costs", "1:1:1,2:1:1"]):

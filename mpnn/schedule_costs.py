@@ -1,0 +1,149 @@
+"""The costs and bytes ``python -m mpnn.schedule`` prices a schedule with.
+
+``--stage-costs`` text and a ``python -m mpnn.train --metrics`` file become
+costs[rank][chunk] = (F, B, W or None); ``cost_function`` turns them into the
+timed simulator's cost(rank, action) and ``unit_bytes`` gives the activation
+bytes one micro-batch keeps on a chunk. ``COSTS_HELP`` (the CLI's epilog)
+says what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .parallel.pipeline_ir import Kind
+from .parallel.pipeline_orders import SCHEDULES
+
+ITEMSIZE = {"float32": 4, "float64": 8}
+DEFAULTS = {"pp": 4, "micro_batches": 8, "schedule": "1f1b", "virtual_stages": 1}
+
+COSTS_HELP = """\
+costs: F:B:W are the seconds (or any unit) of one micro-batch's forward, input
+  gradient dL/dx, and weight gradient on a stage. A schedule that does not split
+  the backward (no W) runs B+W in its B. Without W (F:B, or W 0 in a metrics
+  file whose schedule had none), B is the whole backward: a zero-bubble
+  schedule's B and W then take half of it each (an MLP's backward is two GEMMs
+  of one size, dz·Wt and xt·dz). Without B, B = F x --backward-ratio.
+
+bytes: one micro-batch on a chunk keeps its layers' activations from its F
+  until its last backward action (its W if it has one, else its B):
+  R x (inputs of the chunk's first layer + the outputs of each of its layers)
+  x itemsize, for R = --micro-batch-rows. That is what the layers cache: each
+  linear layer its input x, each activation its output y (the next layer's
+  input), the last its logits. The layers are cut into p x V stages as
+  mpnn.train cuts them (balanced estimated cost, or --partition); stage g is
+  chunk g // p of rank g % p.
+"""
+
+# ------------------------------------------------------------------ reading costs
+
+
+def _entry(text, option):
+    """'F[:B[:W]]' -> [F] or [F, B] or [F, B, W], positive finite numbers."""
+    try:
+        values = [float(v) for v in text.split(":")]
+    except ValueError:
+        raise ValueError(f"{option}: expected F[:B[:W]] numbers, got {text!r}") from None
+    if len(values) > 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{option}: {text!r} is not F, F:B or F:B:W positive numbers")
+    return values
+
+
+def parse_stage_costs(text, p, v, ratio):
+    """``--stage-costs`` -> costs[rank][chunk] = (F, B, W or None): one F[:B[:W]] per
+    stage, or per stage per chunk with '/' between chunks when v > 1."""
+    option = f"--stage-costs {text}"
+    stages = text.split(",")
+    if len(stages) != p:
+        raise ValueError(f"{option}: needs {p} positive F[:B[:W]] entries, one per stage "
+                         f"(--pp {p}), comma-separated")
+    costs = []
+    for item in stages:
+        chunks = [_entry(c, option) for c in item.split("/")]
+        if len(chunks) not in (1, v):
+            raise ValueError(f"{option}: {item!r} gives {len(chunks)} chunks; give one "
+                             f"F[:B[:W]] per stage or, with --virtual-stages {v}, {v} of them "
+                             f"separated by '/'")
+        full = [(c[0], c[1] if len(c) > 1 else c[0] * ratio, c[2] if len(c) > 2 else None)
+                for c in chunks]
+        costs.append(full * v if len(full) == 1 else full)
+    return costs
+
+
+def read_costs(path):
+    """The last record of a ``python -m mpnn.train --metrics`` file: its per-action
+    costs[rank][chunk] = (F, B, W or None), message latency, and the pipeline keys."""
+    try:
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+    except OSError as e:
+        raise ValueError(f"--costs-from {path}: cannot read it ({e.strerror})") from None
+    if not lines:
+        raise ValueError(f"--costs-from {path}: empty; expected the JSON lines of "
+                         f"python -m mpnn.train --metrics")
+    try:
+        record = json.loads(lines[-1])
+    except ValueError as e:
+        raise ValueError(f"--costs-from {path}: the last line is not a JSON record ({e})") from None
+    table = record.get("action_costs_s") if isinstance(record, dict) else None
+    if not isinstance(table, dict):
+        raise ValueError(f"--costs-from {path}: the last record has no action_costs_s; "
+                         f"write one with a pipeline run, mpirun -n P python -m mpnn.train "
+                         f"--pp P --metrics FILE")
+
+    def grid(key):
+        rows = table.get(key)
+        ok = (isinstance(rows, list) and rows and all(isinstance(r, list) and r for r in rows)
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                      and math.isfinite(x) and x >= 0 for r in rows for x in r))
+        if not ok:
+            raise ValueError(f"--costs-from {path}: action_costs_s[{key!r}] must be a list per "
+                             f"rank of seconds >= 0 per chunk, got {rows!r}")
+        return rows
+
+    f, b, w = grid("F"), grid("B"), grid("W")
+    shape = [len(r) for r in f]
+    if [len(r) for r in b] != shape or [len(r) for r in w] != shape or len(set(shape)) != 1:
+        raise ValueError(f"--costs-from {path}: action_costs_s F, B and W must all be "
+                         f"ranks x chunks of one shape")
+    costs = [[(f[r][c], b[r][c], w[r][c] or None) for c in range(shape[0])]
+             for r in range(len(f))]
+    latency = record.get("message_latency_s", 0.0)
+    if isinstance(latency, bool) or not isinstance(latency, (int, float)) \
+            or not (math.isfinite(latency) and latency >= 0):
+        raise ValueError(f"--costs-from {path}: message_latency_s must be seconds >= 0, "
+                         f"got {latency!r}")
+    keys = {k: record[k] for k in DEFAULTS if record.get(k) is not None}
+    if keys.get("schedule", "1f1b") not in SCHEDULES or not all(
+            isinstance(keys[k], int) and not isinstance(keys[k], bool) for k in keys
+            if k != "schedule"):
+        raise ValueError(f"--costs-from {path}: schedule, pp, virtual_stages and micro_batches "
+                         f"must be a schedule name and integers, got {keys}")
+    return costs, float(latency), keys
+
+# ------------------------------------------------------------------ pricing a schedule
+
+
+def cost_function(costs, schedule):
+    """cost(rank, action) of the timed simulator from costs[rank][chunk] = (F, B, W or
+    None) (see COSTS_HELP): a split B costs B, an unsplit one B + W."""
+    split = [{(a.mb, a.chunk) for a in acts if a.kind is Kind.WEIGHT} for acts in schedule]
+
+    def cost(rank, a):
+        f, b, w = costs[rank][a.chunk]
+        if a.kind is Kind.FORWARD:
+            return f
+        if a.kind is Kind.WEIGHT or (a.mb, a.chunk) in split[rank]:
+            return b / 2 if w is None else (w if a.kind is Kind.WEIGHT else b)
+        return b if w is None else b + w
+    return cost
+
+
+def unit_bytes(sizes, layers, rows, itemsize, p):
+    """bytes(rank, chunk) one micro-batch keeps on that chunk (see COSTS_HELP)."""
+    def size(rank, chunk):
+        span = layers[chunk * p + rank]
+        return rows * (sizes[span.start] + sum(sizes[i + 1] for i in span)) * itemsize
+    return size
+
