@@ -45,6 +45,10 @@ tests run the staged path with NumPy arrays).
 Shapes: B rows of a micro-batch, I = sizes[start] (a chunk's input),
 O = sizes[stop] (its output).
 
+The stage's per-epoch times are clocked in ``pipeline_metrics.StageClock``
+and gathered by ``pipeline_metrics.gather_stage_times``; the forward-only
+evaluation loop is ``pipeline_eval.evaluate``.
+
 See docs/parallelism.md#6-how-a-schedule-becomes-messages.
 """
 
@@ -54,18 +58,19 @@ import time
 
 import numpy as np
 
-from ..data.batching import batch_bounds, share_bounds
+from ..data.batching import share_bounds
 from ..nn.model import Context
 from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import GradientSync
 from .gather import gather_whole
 from .partition import format_partition
-from .pipeline_ir import RECEIVES, Action, Kind, Pipe
+from .pipeline_eval import evaluate
+from .pipeline_ir import RECEIVES, Kind, Pipe
+from .pipeline_metrics import StageClock, gather_stage_times
 from .pipeline_orders import make_schedule
 from .simulator import simulate
 from .staging import copy_from_host, copy_to_host, needs_host_staging
-from .tags import EVAL_TAG
 
 # the receive buffers a message kind lands in
 _INBOX = {Kind.RECV_ACT: "act", Kind.RECV_GRAD: "grad"}
@@ -134,9 +139,7 @@ class PipelineEngine:
         # the step in progress: micro-batch row bounds, inputs, labels, 1/global_batch, loss
         self._bounds, self._x, self._labels, self._scale, self._loss_sum = [], None, None, 0.0, 0.0
         self.peak_live = 0  # most micro-batches alive at once in the last step
-        self.forward_s = self.backward_s = self.weight_s = self.idle_s = self.sync_s = 0.0
-        # per action kind and chunk: seconds and count since the last epoch_metrics
-        self._cost = {k: [[0.0, 0] for _ in range(self.v)] for k in "FBW"}
+        self.clock = StageClock(self.v)  # seconds per kind of work since the last epoch_metrics
 
     # ------------------------------------------------------------- one step
 
@@ -210,20 +213,12 @@ class PipelineEngine:
             rows = self._rows(key[0])
             copy_from_host(self._inbox_host[kind][key][:rows], self._buffer(kind, key, rows))
 
-    def _wait(self, requests, timed=True):
+    def _wait(self, requests):
         """Wait for requests; the time counts as this stage's idle time."""
         t0 = time.perf_counter()
         for req in requests:
             req.Wait()
-        if timed:
-            self.idle_s += time.perf_counter() - t0
-
-    def _timed(self, kind, chunk, t0):
-        seconds = time.perf_counter() - t0
-        cell = self._cost[kind][chunk]
-        cell[0] += seconds
-        cell[1] += 1
-        return seconds
+        self.clock.idle_s += time.perf_counter() - t0
 
     def _release(self, key, mb):
         """Back to the pool once nothing of (mb, chunk) ``key`` is pending."""
@@ -255,7 +250,7 @@ class PipelineEngine:
                 dlogits = self._buffer("grad", (k, c), hi - lo)  # (B, C)
                 self._loss_sum += self.ops.loss(self.loss, out, self._labels[lo:hi],
                                                 self._scale, dlogits)
-        self.forward_s += self._timed("F", c, t0)
+        self.clock.timed("F", c, t0)
         self._live[k, c] = mb
         self.peak_live = max(self.peak_live, len(self._live) + len(self._await_w))
 
@@ -277,7 +272,7 @@ class PipelineEngine:
             with self.tracer.span("backward", mb=a.mb):
                 self.model.backward(dout, mb.ctx, need_input_grad=not first, chunk=a.chunk,
                                     weights=not split)
-        self.backward_s += self._timed("B", a.chunk, t0)
+        self.clock.timed("B", a.chunk, t0)
         if split:
             self._await_w[key] = mb  # its inputs and dL/dz stay for the W
         if not first:
@@ -291,7 +286,7 @@ class PipelineEngine:
         if self._rows(a.mb):
             with self.tracer.span("weight", mb=a.mb):
                 self.model.backward_weight(mb.ctx)
-        self.weight_s += self._timed("W", a.chunk, t0)
+        self.clock.timed("W", a.chunk, t0)
         self._release(key, mb)
 
     def _send_grad(self, a):
@@ -313,7 +308,7 @@ class PipelineEngine:
         t0 = time.perf_counter()
         with self.tracer.span("allreduce"):
             self.sync.allreduce()
-        self.sync_s += time.perf_counter() - t0
+        self.clock.sync_s += time.perf_counter() - t0
 
     # ----------------------------------------------------------- evaluation
 
@@ -327,41 +322,8 @@ class PipelineEngine:
         its neighbour sends them. Returns (loss_sum, n_correct) on the last
         stage, (0.0, 0) on the others.
         """
-        loss_sum, correct = 0.0, 0
-        n = int(labels.shape[0])
-        rows = min(chunk, n)
         slots = [[_MicroBatch(), _MicroBatch()] for _ in range(self.v)]  # double-buffered
-        inbuf = [self.ops.xp.empty((rows, self.model.chunk_features(c)[0]), self.model.dtype)
-                 for c in range(self.v)]
-        inhost = [np.empty(b.shape, self.model.dtype) for b in inbuf] if self.host_staging \
-            else None
-        receive, send = Action(Kind.RECV_ACT, 0), Action(Kind.SEND_ACT, 0)
-        for j, (lo, hi) in enumerate(batch_bounds(n, chunk)):
-            for c in range(self.v):
-                if self.pipe.is_first(self.stage, c):
-                    h = x[lo:hi]
-                else:
-                    src = self.pipe.peer(receive.kind, self.stage, c)[0]
-                    h = inbuf[c][:hi - lo]
-                    if inhost is None:
-                        self.comm.Recv(h, source=src, tag=EVAL_TAG)
-                    else:
-                        self.comm.Recv(inhost[c][:hi - lo], source=src, tag=EVAL_TAG)
-                        copy_from_host(inhost[c][:hi - lo], h)
-                slot = slots[c][j % 2]
-                self._wait(slot.requests, timed=False)
-                slot.requests.clear()
-                out = self.model.forward(h, slot.ctx, chunk=c)  # (B, O)
-                if self.pipe.is_last(self.stage, c):
-                    l, k = self.ops.predict_stats(out, labels[lo:hi], self.loss)
-                    loss_sum, correct = loss_sum + l, correct + k
-                else:
-                    dest = self.pipe.peer(send.kind, self.stage, c)[0]
-                    self._isend(slot, "act", out, dest, EVAL_TAG)
-        for pair in slots:
-            for slot in pair:
-                self._wait(slot.requests, timed=False)
-        return loss_sum, correct
+        return evaluate(self, x, labels, chunk, slots)
 
     # -------------------------------------------------------------- weights
 
@@ -407,43 +369,7 @@ class PipelineEngine:
         return self.stage_times(self.world)
 
     def stage_times(self, world):
-        """Per-stage compute / idle / gradient-sync seconds since the last call.
-
-        Collective over ``world`` (all ranks of the grid); each stage's times
-        are averaged over its replicas. busy = forward + backward + weight
-        gradients (the loss included on the last stage), idle = waiting for a
-        message. Also the measured bubble: idle / (busy + idle) over all
-        stages, and ``action_costs_s``: the mean seconds of one F, B and W on
-        each rank and chunk, which ``python -m mpnn.schedule --costs-from``
-        reads to predict this pipeline's bubble.
-        """
-        costs = [self._cost[k][c][0] / self._cost[k][c][1] if self._cost[k][c][1] else 0.0
-                 for k in "FBW" for c in range(self.v)]
-        mine = np.array([self.stage, self.forward_s, self.backward_s, self.weight_s,
-                         self.idle_s, self.sync_s, *costs], dtype=np.float64)
-        self.forward_s = self.backward_s = self.weight_s = self.idle_s = self.sync_s = 0.0
-        self._cost = {k: [[0.0, 0] for _ in range(self.v)] for k in "FBW"}
-        every = np.empty((world.Get_size(), mine.size), dtype=np.float64)
-        world.Allgather(mine, every)
-        sums, count = np.zeros((self.p, mine.size - 1)), np.zeros((self.p, 1))
-        for row in every:
-            sums[int(row[0])] += row[1:]
-            count[int(row[0])] += 1
-        means = sums / count  # (p, 5 + 3v)
-        fwd, bwd, wgt, idle, sync = means[:, :5].T
-        busy = fwd + bwd + wgt
-        total = busy.sum() + idle.sum()
-        per = means[:, 5:].reshape(self.p, 3, self.v)  # (p, kind, chunk)
-        return {"stage_busy_s": _rounded(busy), "stage_idle_s": _rounded(idle),
-                "stage_sync_s": _rounded(sync), "stage_forward_s": _rounded(fwd),
-                "stage_backward_s": _rounded(bwd), "stage_weight_s": _rounded(wgt),
-                "bubble": float(idle.sum() / total) if total else 0.0,
-                "action_costs_s": {k: [[round(float(x), 9) for x in per[r, j]]
-                                       for r in range(self.p)] for j, k in enumerate("FBW")},
-                "message_latency_s": 0.0, "schedule": self.schedule, "pp": self.p,
-                "virtual_stages": self.v, "micro_batches": self.m}
-
-
-def _rounded(a):
-    return [round(float(v), 6) for v in a]
-
+        """Per-stage busy / idle / gradient-sync seconds, the measured bubble and the
+        mean F, B, W seconds per rank and chunk since the last call: collective over
+        ``world`` (``pipeline_metrics.gather_stage_times``)."""
+        return gather_stage_times(world, self.clock, self.stage, self.p, self.schedule, self.m)
