@@ -31,6 +31,9 @@ def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, pa
     Returns (dp, pp). Raises PipelineConfigError.
     """
     v = virtual_stages
+    if micro_batches < 1:
+        raise PipelineConfigError(
+            f"--micro-batches must be a positive integer (got {micro_batches})")
     try:
         dp, pp = grid_shape(world, dp, pp)
         if v < 1:
