@@ -16,6 +16,24 @@ Ties go to the split with the earliest stage boundaries, so every rank
 computes the same partition.
 
 ``--partition 2,1,1`` overrides it: layers per stage, in order.
+
+``--partition profile`` measures the per-layer costs instead
+(``parallel.profile``) and splits them here. With ``--virtual-stages V`` the
+p·V stages are dealt round the ring, stage g to rank g % p as chunk g // p,
+and what bounds the pipeline is a rank's load, the sum of its V chunks:
+``interleaved_partition`` minimises the largest load. That is no longer a DP
+over (layers, stages), since a prefix's cost is a vector of p partial loads,
+so it is a depth-first branch and bound over the stage boundaries (earliest
+first) that starts from the best p·V-stage split above, polished by moving
+single boundaries; it prunes a prefix whose loads already exceed the best
+found, or whose open ranks (those still owed a chunk) cannot take the
+remaining layers without exceeding it. Searched to the end it is exact and
+returns the optimum with the earliest boundaries; it stops after a fixed
+number of nodes (deterministic, so every rank still agrees) and then returns
+the best split found, never worse than the starting one. Up to about 20
+layers and 8 stages, or 50 layers over 2 ranks x 2 chunks, it finishes;
+at 50 layers and 16 stages it stops (in about 0.2 s), on random costs within 0.5 %
+(2 or 4 ranks) to 7 % (8 ranks) of the lower bound total / p.
 """
 
 from __future__ import annotations
@@ -108,3 +126,99 @@ def partition_layers(sizes, pp, override=None):
 def format_partition(ranges):
     """'0-1 | 2 | 3': layers per stage, for logs."""
     return " | ".join(f"{r.start}" if len(r) == 1 else f"{r.start}-{r.stop - 1}" for r in ranges)
+
+
+def rank_loads(costs, ranges, pp):
+    """Every pipeline rank's summed cost when stage g runs on rank g % pp (its chunks)."""
+    prefix = _prefix(costs)
+    loads = [0] * pp
+    for g, r in enumerate(ranges):
+        loads[g % pp] += prefix[r.stop] - prefix[r.start]
+    return loads
+
+
+def interleaved_partition(costs, pp, virtual=1, max_nodes=20_000):
+    """Contiguous split of ``costs`` into ``pp·virtual`` non-empty stages, stage g on rank
+    g % pp, minimising the largest rank load (see the module doc); ``virtual`` 1 is
+    ``balanced_partition``. ``costs`` must be non-negative."""
+    if virtual == 1:
+        return balanced_partition(costs, pp)
+    n, n_stages = len(costs), pp * virtual
+    check_stages(n, n_stages, virtual)
+    prefix = _prefix(costs)
+    start = _polish(prefix, [r.start for r in balanced_partition(costs, n_stages)] + [n], pp)
+    bounds = _search(prefix, pp, n_stages, start, max_nodes)
+    return [range(bounds[g], bounds[g + 1]) for g in range(n_stages)]
+
+
+def _prefix(costs):
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    return prefix
+
+
+def _loads(prefix, bounds, pp):
+    """Rank loads of stage boundaries ``bounds`` (added in stage order, as ``_search`` does)."""
+    loads = [0] * pp
+    for g in range(len(bounds) - 1):
+        loads[g % pp] += prefix[bounds[g + 1]] - prefix[bounds[g]]
+    return loads
+
+
+def _polish(prefix, bounds, pp):
+    """Move single boundaries by one layer while the loads, sorted largest first, shrink."""
+    def key(b):
+        return sorted(_loads(prefix, b, pp), reverse=True)
+
+    best, improved = key(bounds), True
+    while improved:
+        improved = False
+        for i in range(1, len(bounds) - 1):
+            for step in (-1, 1):
+                b = bounds[:i] + [bounds[i] + step] + bounds[i + 1:]
+                if b[i - 1] < b[i] < b[i + 1] and key(b) < best:
+                    bounds, best, improved = b, key(b), True
+    return bounds
+
+
+def _search(prefix, pp, n_stages, bounds, max_nodes):
+    """Branch and bound over stage boundaries from incumbent ``bounds`` (see the module doc)."""
+    n = len(prefix) - 1
+    best = {"value": max(_loads(prefix, bounds, pp)), "bounds": bounds, "found": False}
+    # ranks still owed a stage once stages 0 .. g-1 are placed
+    open_ranks = [sorted({h % pp for h in range(g, n_stages)}) for g in range(n_stages + 1)]
+    loads, cuts, nodes = [0] * pp, [0], [0]
+
+    def beaten(value, strict):
+        # no better than the best: ties lose once a split of the search holds it
+        return value > best["value"] or (strict and value >= best["value"])
+
+    def dfs(g, j):  # stages 0 .. g-1 hold layers 0 .. j-1
+        nodes[0] += 1
+        if nodes[0] > max_nodes:
+            return
+        strict = best["found"]
+        if beaten(max(loads), strict):
+            return
+        if g == n_stages:
+            best.update(value=max(loads), bounds=cuts[:], found=True)
+            return
+        room = sum(max(0, best["value"] - loads[r]) for r in open_ranks[g])
+        left = prefix[n] - prefix[j]
+        if left > room or (strict and left >= room):
+            return
+        r, old = g % pp, loads[g % pp]
+        last = n - (n_stages - g - 1)  # leave a layer for every later stage
+        for k in range(j + 1 if g < n_stages - 1 else n, last + 1):
+            loads[r] = old + (prefix[k] - prefix[j])
+            if beaten(loads[r], strict):
+                break  # later boundaries only add to this rank
+            cuts.append(k)
+            dfs(g + 1, k)
+            cuts.pop()
+            strict = best["found"]
+        loads[r] = old
+
+    dfs(0, 0)
+    return best["bounds"]

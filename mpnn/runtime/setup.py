@@ -23,6 +23,7 @@ from ..parallel.data_parallel import DataParallelEngine
 from ..parallel.grid import GridError, make_grid
 from ..parallel.partition import partition_layers
 from ..parallel.pipeline import PipelineEngine
+from ..parallel.profile import profiled_partition
 from .config import ConfigError, resolve_backend
 from .resume import load_resume
 from .threads import configure_threads
@@ -59,7 +60,13 @@ def setup(config, comm):
     ops = get_ops(resolve_backend(config.model.backend))
     sizes = [data.n_features, *config.model.hidden, data.num_classes]
     v = par.virtual_stages
-    stages = partition_layers(sizes, grid.pp * v, par.partition) if grid.pp > 1 else None
+    stages = layer_costs_s = None  # layer_costs_s: the profiled LayerCosts, for the log
+    if grid.pp > 1 and par.partition == "profile":
+        rows = config.batch_size // grid.dp // par.micro_batches  # one micro-batch
+        stages, layer_costs_s = profiled_partition(sizes, grid.pp, v, rows, ops, dtype,
+                                                   config.model.activation, grid.world)
+    elif grid.pp > 1:
+        stages = partition_layers(sizes, grid.pp * v, par.partition)
     # a rank holds only its layers: its stage, or its chunks (stages rank, rank + pp, ...)
     layers = None if not stages else stages[grid.pp_rank] if v == 1 else \
         [stages[c * grid.pp + grid.pp_rank] for c in range(v)]
