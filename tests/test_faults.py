@@ -371,7 +371,12 @@ def test_ctrl_c_while_starting_is_130_without_a_traceback(delay):
                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
     time.sleep(delay)
     job.send_signal(signal.SIGINT)
-    out, _ = job.communicate(timeout=60)
+    try:
+        out, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:  # only our own job's process group, ranks included
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
     assert job.returncode in (130, 0), out  # 0: it finished before the signal
     assert "Traceback" not in out and "BAD TERMINATION" not in out, out
 
@@ -392,6 +397,11 @@ def test_ctrl_c_during_shutdown_is_130_without_a_traceback(tmp_path):
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     job.send_signal(signal.SIGINT)
-    out, _ = job.communicate(timeout=60)
+    try:
+        out, _ = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
     assert job.returncode == 130, out
     assert "Traceback" not in out and "BAD TERMINATION" not in out, out
