@@ -93,6 +93,10 @@ def balanced_partition(costs, pp):
 
 def parse_partition(text, n_layers, pp):
     """``"2,1,1"`` -> [range(0,2), range(2,3), range(3,4)], with errors that say what to fix."""
+    if str(text) == "profile":
+        raise PartitionError("--partition profile times the layers of a real run (python -m "
+                             "mpnn.train --partition profile); here give layer counts per "
+                             "stage, such as 2,1,1")
     try:
         counts = [int(tok) for tok in str(text).split(",")]
     except ValueError:
