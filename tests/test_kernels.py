@@ -482,3 +482,19 @@ def test_cupy_loss_glue(loss):
     bad = _cupy_glue_without_gpu(acc=(0.0, 0, 1))
     with pytest.raises(ValueError, match="labels must lie in"):
         bad.loss(loss, logits, labels, 0.5, out)
+
+
+def test_numba_without_a_writable_cache_says_what_to_do(monkeypatch):
+    # a read-only package directory and an unwritable HOME: numba's cache=True fails
+    # at import with "no locator available"; the error names the two ways out
+    import sys
+
+    class Unwritable:
+        def __getattr__(self, name):
+            raise RuntimeError("cannot cache function 'bias_act': no locator available for "
+                               "file '/usr/lib/mpnn/kernels/numba_ops.py'")
+
+    monkeypatch.setitem(sys.modules, "mpnn.kernels.numba_ops", Unwritable())
+    with pytest.raises(RuntimeError, match="set NUMBA_CACHE_DIR to a writable directory, or "
+                                           "use --backend numpy"):
+        get_ops("numba")

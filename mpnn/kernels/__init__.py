@@ -23,8 +23,15 @@ def get_ops(name="numpy"):
 
         return NumpyOps()
     if name == "numba":
-        from .numba_ops import NumbaOps
-
+        try:
+            from .numba_ops import NumbaOps
+        except RuntimeError as e:  # numba compiles with cache=True: it needs a writable place
+            if "cannot cache" not in str(e):
+                raise
+            raise RuntimeError(f"{e}. numba keeps its compiled kernels next to the package or "
+                               f"in your home directory, and can write to neither here: set "
+                               f"NUMBA_CACHE_DIR to a writable directory, or use --backend "
+                               f"numpy") from None
         return NumbaOps()
     if name == "cupy":
         from .cupy_ops import CupyOps
