@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from mpnn.kernels import get_ops
 from mpnn.kernels.numpy_ops import NumpyOps
@@ -70,7 +71,7 @@ def test_default_mlp_profile_is_quick():
     # about 5 ms on an idle core; the bound leaves room for a loaded machine
     t0 = time.perf_counter()
     stages, costs = profiled_partition([784, 256, 128, 64, 10], 2, 1, 32, get_ops("numpy"),
-                                       np.float32, "relu")
+                                       np.float32, "relu", MPI.COMM_SELF)
     assert time.perf_counter() - t0 < 2.0
     assert len(costs) == 4 and len(stages) == 2
     assert stages[0].start == 0 and stages[-1].stop == 4 and stages[0].stop == stages[1].start
@@ -78,9 +79,9 @@ def test_default_mlp_profile_is_quick():
 
 def test_serial_agreement_is_the_identity_and_bad_shapes_fail():
     costs = [LayerCost(1.0, 2.0, 3.0), LayerCost(0.5, 0.25, 0.125)]
-    assert average_costs(costs) == costs
+    assert average_costs(costs, MPI.COMM_SELF) == costs
     with pytest.raises(PartitionError, match="more than the model has linear layers"):
-        profiled_partition(SIZES, 2, 2, 8, get_ops("numpy"), np.float32, "relu")
+        profiled_partition(SIZES, 2, 2, 8, get_ops("numpy"), np.float32, "relu", MPI.COMM_SELF)
     with pytest.raises(ValueError, match="one row per micro-batch"):
         profile_layers(SIZES, 0, get_ops("numpy"), np.float32, "relu")
 

@@ -9,11 +9,11 @@ from mpnn.parallel.pipeline_ir import (
     STEP,
     Action,
     Kind,
+    Pipe,
     ScheduleError,
     add_communication,
     format_actions,
     parse_actions,
-    peer,
 )
 from mpnn.parallel.pipeline_orders import analytic_bubble, compute_order, make_schedule
 from mpnn.parallel.simulator import simulate, timeline
@@ -294,9 +294,9 @@ def test_every_send_has_one_receive_with_its_tag(name, p, m):
     for s, acts in enumerate(make_schedule(name, p, m)):
         for a in acts:
             if a.kind in SENDS:
-                sends.append((s, peer(a.kind, s), message_tag(a.kind, a.mb)))
+                sends.append(Pipe(p).message(a, s))
             elif a.kind in RECEIVES:
-                receives.append((peer(a.kind, s), s, message_tag(a.kind, a.mb)))
+                receives.append(Pipe(p).message(a, s))
     assert all(0 <= src < p and 0 <= dst < p and abs(src - dst) == 1 for src, dst, _ in sends)
     assert len(set(sends)) == len(sends) == 2 * m * (p - 1)  # each message named once
     assert sorted(sends) == sorted(receives)
@@ -308,8 +308,9 @@ def test_pass_refuses_messages_in_a_compute_order():
 
 
 def test_peer():
-    assert peer(Kind.SEND_ACT, 1) == 2 and peer(Kind.RECV_ACT, 1) == 0
-    assert peer(Kind.SEND_GRAD, 1) == 0 and peer(Kind.RECV_GRAD, 1) == 2
+    pipe = Pipe(3)  # one chunk per rank: a rank is a stage
+    assert pipe.peer(Kind.SEND_ACT, 1) == (2, 0) and pipe.peer(Kind.RECV_ACT, 1) == (0, 0)
+    assert pipe.peer(Kind.SEND_GRAD, 1) == (0, 0) and pipe.peer(Kind.RECV_GRAD, 1) == (2, 0)
 
 
 def test_tags():

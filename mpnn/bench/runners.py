@@ -29,6 +29,7 @@ finished them.
 from __future__ import annotations
 
 import numpy as np
+from mpi4py import MPI
 
 from ..data.batching import batch_bounds, epoch_permutation, share_bounds
 from ..runtime.trace import NULL_TRACER
@@ -83,16 +84,13 @@ class MpnnRunner:
     ``bucket_mb`` is ``mpnn.train``'s ``--bucket-mb``.
     """
 
-    def __init__(self, backend, batch, data, dp_comm=None, bucket_mb=0.1, tracer=NULL_TRACER,
-                 rank=None, replicas=None):
-        from mpi4py import MPI
-
+    def __init__(self, backend, batch, data, dp_comm=MPI.COMM_SELF, bucket_mb=0.1,
+                 tracer=NULL_TRACER, rank=None, replicas=None):
         from ..kernels import get_ops
         from ..nn.model import MLP
         from ..nn.optim import make_optimizer
         from ..parallel.data_parallel import DataParallelEngine
 
-        dp_comm = MPI.COMM_SELF if dp_comm is None else dp_comm
         rank = dp_comm.Get_rank() if rank is None else rank
         replicas = dp_comm.Get_size() if replicas is None else replicas
         self.name, self.batch, self.data, self.tracer = backend, batch, data, tracer

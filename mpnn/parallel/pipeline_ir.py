@@ -36,7 +36,7 @@ How a schedule becomes messages, in three steps:
    so stage 1 of GPipe(3, 2) becomes ``RA0 F0 SA0 RA1 F1 SA1 RG0 B0 SG0 RG1 B1 SG1``.
    ``make_schedule`` runs the pass and ends every stage with ``STEP``.
 
-3. **Every message is named by (source, destination, tag).** ``peer``
+3. **Every message is named by (source, destination, tag).** ``Pipe.peer``
    gives the stage a send goes to or a receive comes from; the tag is
    ``mpnn.parallel.tags.message_tag(kind, mb)``: ``2k`` for micro-batch k's
    activations, ``2k + 1`` for its gradient. A send and the receive it feeds
@@ -86,6 +86,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+
+from .tags import message_tag
 
 
 class Kind(Enum):
@@ -173,18 +175,9 @@ class Pipe:
         other = self.peer(action.kind, rank, action.chunk)
         if other is None:
             return None
-        from .tags import message_tag
-
         if action.kind in SENDS:
             return rank, other[0], message_tag(action.kind, action.mb, action.chunk, self.v)
         return other[0], rank, message_tag(action.kind, action.mb, other[1], self.v)
-
-
-def peer(kind, stage):
-    """The stage a send of ``kind`` on ``stage`` goes to, or a receive comes from
-    (one chunk per rank). May be outside 0..p-1: the first stage has no previous
-    stage, the last no next."""
-    return stage + _DIRECTION[kind]
 
 
 def format_actions(actions):

@@ -113,10 +113,10 @@ def _timed(ops, fn, *args):
     return time.perf_counter() - t0
 
 
-def average_costs(costs, comm=None):
-    """The mean of every rank's ``costs`` over ``comm`` (``None``: this rank's), the
+def average_costs(costs, comm):
+    """The mean of every rank's ``costs`` over ``comm`` (a world of one: this rank's), the
     same bits on every rank: one Allreduce of integer nanoseconds."""
-    if comm is None or comm.Get_size() == 1:
+    if comm.Get_size() == 1:
         return list(costs)
     from mpi4py import MPI
 
@@ -126,7 +126,7 @@ def average_costs(costs, comm=None):
     return [LayerCost(*map(float, row)) for row in mean]
 
 
-def profiled_partition(sizes, pp, virtual, rows, ops, dtype, activation, comm=None, **profile):
+def profiled_partition(sizes, pp, virtual, rows, ops, dtype, activation, comm, **profile):
     """(stages, costs): the ``pp·virtual`` stage ranges that minimise the slowest rank
     under the measured per-layer costs, and those ``LayerCost``s, the same on every
     rank of ``comm``. Collective over ``comm``; ``profile`` goes to ``profile_layers``."""

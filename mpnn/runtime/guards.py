@@ -12,6 +12,7 @@ import math
 import zlib
 
 import numpy as np
+from mpi4py import MPI
 
 
 class NonFiniteError(FloatingPointError):
@@ -26,7 +27,7 @@ def _non_finite(model, tensors):
 
 
 def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None,
-                 activations=None, comm=None):
+                 activations=None, comm=MPI.COMM_SELF):
     """Raise NonFiniteError when the loss, a gradient or the parameters are not finite.
 
     Called after each optimizer step and before any checkpoint, so a bad state is
@@ -48,7 +49,7 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     loss_ok = math.isfinite(loss_sum)
     with np.errstate(over="ignore", invalid="ignore"):  # inf - inf in the sum is the signal
         total = float(xp.sum(model.flat.data))
-    together = comm is not None and comm.Get_size() > 1
+    together = comm.Get_size() > 1
     failed = not (loss_ok and math.isfinite(total))
     if together:
         failed = _any(comm, failed)
@@ -99,8 +100,6 @@ def _top_layer(names):
 
 
 def _any(comm, flag):
-    from mpi4py import MPI
-
     buf = np.array([1 if flag else 0], dtype=np.int32)
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
     return bool(buf[0])
@@ -137,8 +136,6 @@ def check_replicas_agree(comm, flat, when=None):
     None) and at the periodic checks (``when`` says which). Names world ranks."""
     if comm.Get_size() == 1:  # one replica: nothing to compare
         return
-    from mpi4py import MPI
-
     # host copy of a device buffer
     data = flat.data.get() if hasattr(flat.data, "get") else flat.data
     mine = np.array([zlib.crc32(np.ascontiguousarray(data).tobytes()), MPI.COMM_WORLD.Get_rank()],
