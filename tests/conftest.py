@@ -9,6 +9,8 @@ Helpers (plain functions, also as fixtures of the same name):
     shared_dir(comm)             one temporary directory every rank of ``comm`` sees
     run_training(argv, comm)     build and train ``python -m mpnn.train argv`` on ``comm``
                                  (default: a world of one); returns (run, history)
+    trained_serially(argv)       (state_dict, history) of ``argv`` trained on a world of one,
+                                 cached: the reference the parallel tests compare against
     train_cli(*argv, ranks=None) ``python -m mpnn.train`` in a subprocess (under mpirun
                                  with ``ranks``); returns (exit status, stdout + stderr)
 """
@@ -75,6 +77,18 @@ def run_training(argv, comm=None):
 
     run = build_run(argv, comm)
     return run, train(run, log=lambda *a: None)
+
+
+_serial = {}
+
+
+def trained_serially(argv):
+    """The serial run's trained tensors and per-epoch metrics for ``argv`` (cached)."""
+    key = tuple(argv)
+    if key not in _serial:
+        run, history = run_training(list(argv))
+        _serial[key] = run.model.state_dict(), history
+    return _serial[key]
 
 
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")

@@ -23,14 +23,13 @@ import pytest
 from mpnn.parallel.pipeline_config import PipelineConfigError, check_pipeline_config
 from mpnn.runtime.weights import load_weights
 
-from conftest import build_run, run_training, sub_world
+from conftest import build_run, run_training, sub_world, trained_serially
 
 # digits: 1437 training rows; --batch-size 100 leaves a last batch of 37 rows, which
 # 2 replicas share as 19 + 18 and 4 micro-batches split as 5, 5, 5, 4.
 BASE = ["--dataset", "digits", "--hidden", "24,16,12", "--epochs", "2", "--batch-size", "100",
         "--dtype", "float64", "--quiet", "--optimizer", "sgd", "--momentum", "0", "--lr", "0.2"]
 SCHEDULES = ["naive", "gpipe", "1f1b"]
-_serial_cache = {}
 
 
 def weights(argv, comm=None):
@@ -40,19 +39,12 @@ def weights(argv, comm=None):
     return run.model.state_dict(), history, run.grid
 
 
-def serial(argv):
-    key = tuple(argv)
-    if key not in _serial_cache:
-        _serial_cache[key] = weights(list(argv))[:2]
-    return _serial_cache[key]
-
-
 def check_against_serial(comm, argv, tmp_path, pipe):
     """Train with ``pipe`` options on ``comm``; compare stage weights, saved file, metrics."""
     save, metrics = tmp_path / "pipe.npz", tmp_path / "pipe.jsonl"
     stage, hist_pipe, grid = weights(argv + pipe + ["--save", str(save),
                                                          "--metrics", str(metrics)], comm)
-    ref, hist_ref = serial(argv)
+    ref, hist_ref = trained_serially(argv)
     # every rank: its stage's tensors equal the serial model's
     for name, value in stage.items():
         diff = np.max(np.abs(value - ref[name]))

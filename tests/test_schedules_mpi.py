@@ -12,7 +12,7 @@ import pytest
 from mpnn.runtime import checkpoint as ck
 from mpnn.runtime.weights import load_weights
 
-from conftest import run_training, shared_dir, sub_world
+from conftest import run_training, shared_dir, sub_world, trained_serially
 
 # 8 linear layers, so 4 ranks x 2 chunks each still hold one layer per stage; digits'
 # 1437 rows at --batch-size 100 leave a last batch of 37 rows (19 + 18 over 2 replicas)
@@ -32,17 +32,6 @@ SCHEDULES = {
     "zb-h1": ["--schedule", "zb-h1"],
     "zb-h2": ["--schedule", "zb-h2"],
 }
-_serial = {}
-
-
-def serial(argv):
-    key = tuple(argv)
-    if key not in _serial:
-        run, history = run_training(list(argv))
-        _serial[key] = run.model.state_dict(), history
-    return _serial[key]
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
@@ -55,7 +44,7 @@ def test_schedule_matches_serial(grid, schedule, optimizer):
         return
     argv = BASE + OPTIMIZERS[optimizer]
     run, history = run_training(argv + pipe + SCHEDULES[schedule], comm)
-    ref, ref_history = serial(argv)
+    ref, ref_history = trained_serially(argv)
     for name, value in run.model.state_dict().items():  # this rank's chunks' tensors
         diff = np.max(np.abs(value - ref[name]))
         assert diff <= 1e-9, f"{name} on rank {comm.Get_rank()}: {diff:.3e}"
@@ -76,7 +65,7 @@ def test_empty_micro_batches_under_zero_bubble_and_interleaved():
     if comm is None:
         return
     argv = [a if a != "100" else "718" for a in BASE] + OPTIMIZERS["momentum"]
-    ref, _ = serial(argv)
+    ref, _ = trained_serially(argv)
     for schedule in ("zb-h2", "interleaved-1f1b"):
         extra = SCHEDULES[schedule] + ["--dp", "2", "--pp", "2", "--micro-batches", "4"]
         run, _ = run_training(argv + extra, comm)
@@ -100,7 +89,7 @@ def test_interleaved_checkpoint_and_save_are_in_layer_order():
                                  "--checkpoint-keep", "0", "--save", f"{d}/inter.npz"], comm)
     problems = []  # rank 0 checks, every rank learns the verdict (no rank left waiting)
     if comm.Get_rank() == 0:
-        full, _ = serial(argv)
+        full, _ = trained_serially(argv)
         saved = load_weights(f"{d}/inter.npz")
         if list(saved) != list(full):
             problems.append(f"--save names {list(saved)}")
