@@ -233,7 +233,7 @@ def _main(comm, argv):
         if status is not None:
             return status
         # Phase 2: training. An exception on any rank aborts the whole job.
-        return abort_on_error(comm, lambda: train(run))
+        return abort_on_error(comm, lambda: train(run), release=held)
     finally:
         for lock in held:
             lock.release()

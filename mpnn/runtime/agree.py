@@ -55,12 +55,17 @@ def on_every_rank(comm, step, prog="mpnn.train"):
     return 2, None
 
 
-def abort_on_error(comm, run, prog="mpnn.train"):
-    """``run()``; on an exception print it (naming the rank) and end the job: status 1."""
+def abort_on_error(comm, run, prog="mpnn.train", release=()):
+    """``run()``; on an exception print it (naming the rank) and end the job: status 1.
+
+    release: what this rank holds that must go before MPI_Abort ends the process
+    (the checkpoint directory's lock), each with a ``release()``."""
     try:
         run()
     except Exception as e:  # noqa: BLE001
         say(f"{prog}: error on rank {comm.Get_rank()}: {type(e).__name__}: {e}")
+        for held in release:  # MPI_Abort skips every finally: free them now
+            held.release()
         if comm.Get_size() > 1:
             time.sleep(ABORT_GRACE_S)  # let mpirun's proxy forward the line before the kill
             comm.Abort(1)
