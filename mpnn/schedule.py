@@ -39,12 +39,13 @@ The published formulas, with unit costs:
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .parallel.partition import PartitionError, format_partition, partition_layers
 from .parallel.pipeline_ir import Kind, format_actions
 from .parallel.pipeline_orders import SCHEDULES, ScheduleConfigError, check_schedule, make_schedule
-from .parallel.simulator import simulate, timeline
+from .parallel.simulator import expected_timeline, simulate, timeline
 from .runtime.options import nonneg_float
 from .schedule_costs import (
     COSTS_HELP,
@@ -53,11 +54,14 @@ from .schedule_costs import (
     cost_function,
     parse_stage_costs,
     read_costs,
+    spread_function,
     unit_bytes,
 )
 from .schedule_report import cost_text, formula_line, plot, zero_bubble_lines
 
 # ------------------------------------------------------------------ options
+
+MC_DRAWS = 200  # runs of the timed simulator behind the expected bubble (--costs-from)
 
 
 def _sizes(text):
@@ -80,6 +84,17 @@ def _positive(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _overheads(text):
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, comma-separated, got {text!r}") \
+            from None
+    if not all(math.isfinite(x) and x >= 0 for x in values):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return values
 
 
 def parse_args(argv=None):
@@ -106,6 +121,10 @@ def parse_args(argv=None):
     ap.add_argument("--latency", type=nonneg_float, default=None, metavar="S",
                     help="seconds added to every message between ranks (default 0, or the "
                          "--costs-from file's)")
+    ap.add_argument("--overhead", type=_overheads, default=None, metavar="S[,S1,...]",
+                    help="seconds the executor spends between actions, charged after every "
+                         "compute action (one value, or one per stage; default 0, or the "
+                         "--costs-from file's action_overhead_s)")
     ap.add_argument("--costs-from", metavar="METRICS.jsonl", default=None,
                     help="the costs measured by python -m mpnn.train --metrics (its last "
                          "record's action_costs_s, message_latency_s, and schedule, pp, "
@@ -121,12 +140,12 @@ def parse_args(argv=None):
                     help="layers per stage (p x V of them), as mpnn.train takes it (default: "
                          "balance the estimated cost)")
     args = ap.parse_args(argv)
-    args.measured = None
+    args.measured = args.spread = args.start = args.jitter = None
     if args.costs_from is not None:
         if args.stage_costs is not None:
             ap.error("give --stage-costs or --costs-from, not both")
         try:
-            costs, latency, keys = read_costs(args.costs_from)
+            costs, extras, keys = read_costs(args.costs_from)
         except ValueError as e:
             ap.error(str(e))
         keys.setdefault("pp", len(costs))
@@ -138,9 +157,12 @@ def parse_args(argv=None):
             ap.error(f"--costs-from {args.costs_from} holds costs of {len(costs)} ranks x "
                      f"{len(costs[0])} chunks; it cannot price --pp {args.pp} with "
                      f"--virtual-stages {args.virtual_stages}")
-        args.measured = costs
+        args.measured, args.spread, args.start = costs, extras["spread"], extras["start"]
+        args.jitter = extras["jitter"]
         if args.latency is None:
-            args.latency = latency
+            args.latency = extras["latency"]
+        if args.overhead is None:
+            args.overhead = extras["overhead"]
     for k, value in DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, value)
@@ -148,6 +170,12 @@ def parse_args(argv=None):
         args.latency = 0.0
     if args.pp < 1 or args.micro_batches < 1:
         ap.error("--pp and --micro-batches must be positive integers")
+    if args.overhead is not None:
+        if len(args.overhead) == 1:
+            args.overhead = args.overhead * args.pp
+        if len(args.overhead) != args.pp:
+            ap.error(f"--overhead gives {len(args.overhead)} values; give one, or one per "
+                     f"stage (--pp {args.pp})")
     try:
         check_schedule(args.schedule, args.pp, args.micro_batches, args.virtual_stages)
     except ScheduleConfigError as e:
@@ -226,22 +254,38 @@ def main(argv=None):
         print("peak activation bytes per stage: "
               + ", ".join(f"stage {r}: {b} ({b / 2**20:.3g} MiB)" for r, b in enumerate(peak)))
     tl = None
-    if costs or args.latency:
+    if costs or args.latency or args.overhead:
         price = cost_function(costs, schedule) if costs else (lambda r, a: 1)
-        tl = timeline(schedule, price, args.latency)
+        tl = timeline(schedule, price, args.latency, overhead=args.overhead, start=args.start)
         label = "F:B" if all(w is None for c in costs or [] for _, _, w in c) else "F:B:W"
         source = (f"measured costs from {args.costs_from} (seconds) {label} "
                   if args.measured else f"stage costs {label} " if costs else "unit costs")
         lat = f" and latency {args.latency:g} s per message" if args.latency else ""
+        if args.overhead and any(args.overhead):
+            lat += (" and overhead " + ", ".join(f"{x:.3g}" for x in args.overhead)
+                    + " s per action")
         if split and costs and any(w is None for c in costs for _, _, w in c):
             lat += " (no W: B and W half of B each)"
         step = (f"predicted step time {tl.makespan:.4g} s" if args.measured
                 else f"makespan {tl.makespan:.4g}")
         print(f"with {source}{cost_text(costs) if costs else ''}{lat}: {step}, "
               f"bubble {tl.bubble:.4f}")
-        if args.measured or args.latency or v > 1 or split or label == "F:B:W":
+        if args.measured or args.latency or args.overhead or v > 1 or split \
+                or label == "F:B:W":
             print(f"  busy per stage {', '.join(f'{b:.4g}' for b in tl.busy)}; "
                   f"idle per stage {', '.join(f'{x:.4g}' for x in tl.idle)}")
+        if args.spread is not None:
+            expected, span = expected_timeline(
+                schedule, price, spread_function(args.spread, schedule), draws=MC_DRAWS,
+                jitter=args.jitter, latency=args.latency, overhead=args.overhead,
+                start=args.start)
+            starts = ("" if not args.start or not any(args.start) else
+                      ", stages starting " + ", ".join(f"{t:.3g}" for t in args.start) + " s late")
+            if args.jitter and any(args.jitter):
+                starts += ", steps slowed by " + ", ".join(f"{j:.1%}" for j in args.jitter)
+            print(f"  with the measured spread of every action ({MC_DRAWS} seeded draws{starts}): "
+                  f"expected step time {span:.4g} s, bubble {expected:.4f}  <- compare with "
+                  f"the run's measured bubble")
         if zero_bubble and costs:
             for line in zero_bubble_lines(name, p, m, costs, tl.idle, tl.bubble):
                 print(line)

@@ -73,7 +73,12 @@ def parse_stage_costs(text, p, v, ratio):
 
 def read_costs(path):
     """The last record of a ``python -m mpnn.train --metrics`` file: its per-action
-    costs[rank][chunk] = (F, B, W or None), message latency, and the pipeline keys."""
+    costs[rank][chunk] = (F, B, W or None); what else the run measured, a dict:
+    ``latency`` (seconds per message), ``overhead`` (the executor's seconds per
+    compute action, per rank), ``start`` (each rank's step start after the
+    earliest), ``spread`` (spread[rank][chunk] = standard deviations of F, B,
+    W), ``jitter`` (each rank's relative slowdown shared by a step), each None
+    in files of runs that did not record it; and the pipeline keys."""
     try:
         with open(path) as f:
             lines = [line for line in f if line.strip()]
@@ -92,13 +97,13 @@ def read_costs(path):
                          f"write one with a pipeline run, mpirun -n P python -m mpnn.train "
                          f"--pp P --metrics FILE")
 
-    def grid(key):
+    def grid(key, table=table, name="action_costs_s"):
         rows = table.get(key)
         ok = (isinstance(rows, list) and rows and all(isinstance(r, list) and r for r in rows)
               and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                       and math.isfinite(x) and x >= 0 for r in rows for x in r))
         if not ok:
-            raise ValueError(f"--costs-from {path}: action_costs_s[{key!r}] must be a list per "
+            raise ValueError(f"--costs-from {path}: {name}[{key!r}] must be a list per "
                              f"rank of seconds >= 0 per chunk, got {rows!r}")
         return rows
 
@@ -114,30 +119,69 @@ def read_costs(path):
             or not (math.isfinite(latency) and latency >= 0):
         raise ValueError(f"--costs-from {path}: message_latency_s must be seconds >= 0, "
                          f"got {latency!r}")
+
+    def per_rank(key):  # absent in files of older runs: None
+        values = record.get(key)
+        if values is not None and not (
+                isinstance(values, list) and len(values) == len(costs)
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                        and math.isfinite(x) and x >= 0 for x in values)):
+            raise ValueError(f"--costs-from {path}: {key} must be seconds >= 0, one per rank "
+                             f"({len(costs)}), got {values!r}")
+        return values
+
+    overhead, start = per_rank("action_overhead_s"), per_rank("step_start_s")
+    jitter = per_rank("step_jitter")
+    spread = None
+    if isinstance(record.get("action_costs_std_s"), dict):
+        sd = [grid(k, record["action_costs_std_s"], "action_costs_std_s") for k in "FBW"]
+        if [len(r) for r in sd[0]] != shape or any([len(r) for r in g] != shape for g in sd):
+            raise ValueError(f"--costs-from {path}: action_costs_std_s must have the shape "
+                             f"of action_costs_s")
+        spread = [[tuple(g[r][c] for g in sd) for c in range(shape[0])] for r in range(len(f))]
     keys = {k: record[k] for k in DEFAULTS if record.get(k) is not None}
     if keys.get("schedule", "1f1b") not in SCHEDULES or not all(
             isinstance(keys[k], int) and not isinstance(keys[k], bool) for k in keys
             if k != "schedule"):
         raise ValueError(f"--costs-from {path}: schedule, pp, virtual_stages and micro_batches "
                          f"must be a schedule name and integers, got {keys}")
-    return costs, float(latency), keys
+    measured = {"latency": float(latency), "overhead": overhead, "start": start,
+                "spread": spread, "jitter": jitter}
+    return costs, measured, keys
+
 
 # ------------------------------------------------------------------ pricing a schedule
 
 
 def cost_function(costs, schedule):
     """cost(rank, action) of the timed simulator from costs[rank][chunk] = (F, B, W or
-    None) (see COSTS_HELP): a split B costs B, an unsplit one B + W."""
+    None) (see COSTS_HELP): a split B costs B, an unsplit one B + W; with no W
+    measured a split B and its W cost B/2 each."""
+    return _per_action(costs, schedule, lambda b: b / 2, lambda b, w: b + w)
+
+
+def spread_function(spread, schedule):
+    """The standard deviation of each action's cost, as ``cost_function`` prices it,
+    from spread[rank][chunk] = (sF, sB, sW): a split B has sB, an unsplit one
+    √(sB² + sW²) (B and W drawn independently); with no W measured (a run
+    without split backward) a split B and its W have sB/√2 each."""
+    return _per_action(spread, schedule, lambda b: b / math.sqrt(2), math.hypot)
+
+
+def _per_action(table, schedule, halve, join):
+    """value(rank, action) from table[rank][chunk] = (F, B, W or None/0): F for a
+    forward; for a backward split off a W (or that W), B (or W), or halve(B)
+    when no W was measured; for an unsplit backward join(B, W)."""
     split = [{(a.mb, a.chunk) for a in acts if a.kind is Kind.WEIGHT} for acts in schedule]
 
-    def cost(rank, a):
-        f, b, w = costs[rank][a.chunk]
+    def value(rank, a):
+        f, b, w = table[rank][a.chunk]
         if a.kind is Kind.FORWARD:
             return f
         if a.kind is Kind.WEIGHT or (a.mb, a.chunk) in split[rank]:
-            return b / 2 if w is None else (w if a.kind is Kind.WEIGHT else b)
-        return b if w is None else b + w
-    return cost
+            return halve(b) if not w else (w if a.kind is Kind.WEIGHT else b)
+        return join(b, w or 0.0)
+    return value
 
 
 def unit_bytes(sizes, layers, rows, itemsize, p):

@@ -326,6 +326,24 @@ def test_scipy_gemm_only_without_competing_blas_threads():
             assert NumbaOps()._gemm_beta1 == {}
 
 
+def test_scipy_gemm_used_when_scipy_loads_after_the_thread_limit():
+    """The trainer's order, in a fresh interpreter: NumPy's BLAS limited to one
+    thread, then the op set built, which loads SciPy's BLAS for the first time:
+    SciPy's gemm gets NumPy's limit and is used (found on a 1-thread pipeline
+    run whose weight gradients all took the scratch-and-add path)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy\n"
+            "from threadpoolctl import threadpool_limits\n"
+            "threadpool_limits(limits=1, user_api='blas')\n"
+            "from mpnn.kernels.numba_ops import NumbaOps\n"
+            "print(sorted(str(k) for k in NumbaOps()._gemm_beta1))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['float32', 'float64']"
+
+
 # ------------------------------------------------------------ the interface
 
 OPS = ("linear_act", "act_bias_backward", "weight_grad", "input_grad", "loss", "predict_stats",

@@ -132,6 +132,11 @@ def test_executor_live_micro_batches_match_simulator(schedule):
     metrics = engine.epoch_metrics()  # collective over the grid's ranks
     assert len(metrics["stage_busy_s"]) == 4 and 0.0 <= metrics["bubble"] < 1.0
     assert min(metrics["stage_forward_s"]) > 0.0
+    # what the timed simulator needs besides the mean costs (mpnn.schedule --costs-from)
+    assert metrics["message_latency_s"] > 0.0  # a ping-pong of a micro-batch's rows
+    assert len(metrics["action_overhead_s"]) == len(metrics["step_start_s"]) == 4
+    assert min(metrics["action_overhead_s"]) > 0.0 and metrics["step_start_s"] == [0.0] * 4
+    assert set(metrics["action_costs_std_s"]) == set("FBW")  # one step: no gap between steps
     comm.Free()
 
 

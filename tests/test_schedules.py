@@ -434,6 +434,45 @@ def test_cli_latency(capsys):
     assert "expected a finite number" in _cli_error(capsys, "--latency", "-1")
 
 
+def test_timeline_message_moves_when_both_sides_are_there():
+    # gpipe, 2 stages, 1 micro-batch, F = 1, B = 2; stage 1 starts the step at 5
+    # (its loop was busy): the activations sent at 1 move only once it waits, so
+    # they land at 5 + latency, as MPI without a progress thread delivers them
+    cost = lambda s, a: 1.0 if a.kind is Kind.FORWARD else 2.0  # noqa: E731
+    tl = timeline(gpipe(2, 1), cost, latency=0.25, start=[0.0, 5.0])
+    # stage 1: RA 5 -> 5.25, F to 6.25, B to 8.25, SG; stage 0: RG 8.25 -> 8.5, B to 10.5
+    assert tl.makespan == pytest.approx(10.5)
+    assert tl.idle == pytest.approx([10.5 - 3, 10.5 - 3 - 5])  # the late start is not idle
+    assert tl.bubble == pytest.approx(10 / 16)
+
+
+def test_timeline_overhead_delays_but_is_neither_busy_nor_idle():
+    cost = lambda s, a: 1.0 if a.kind is Kind.FORWARD else 2.0  # noqa: E731
+    tl = timeline(gpipe(2, 1), cost, overhead=[0.5, 0.5])
+    # stage 0: F 0-1 (+0.5), SA at 1.5; stage 1: F 1.5-2.5 (+0.5), B 3-5 (+0.5), SG at
+    # 5.5; stage 0: B 5.5-7.5 (+0.5) = 8
+    assert tl.makespan == pytest.approx(8.0) and tl.busy == [3.0, 3.0]
+    assert tl.overhead == [1.0, 1.0] and tl.idle == pytest.approx([4.0, 4.0])
+    assert tl.bubble == pytest.approx(8 / 14)
+
+
+def test_expected_timeline_adds_the_idle_of_jitter():
+    from mpnn.parallel.simulator import expected_timeline
+
+    sched = make_schedule("1f1b", 2, 8)
+    cost = lambda s, a: 1.0 if a.kind is Kind.FORWARD else 2.0  # noqa: E731
+    tl = timeline(sched, cost)
+    assert expected_timeline(sched, cost, lambda s, a: 0.0, draws=5) == \
+        pytest.approx((tl.bubble, tl.makespan))
+    jitter = expected_timeline(sched, cost, lambda s, a: 0.3, draws=100)
+    assert jitter == expected_timeline(sched, cost, lambda s, a: 0.3, draws=100)  # seeded
+    # each stage waits for the slower of its own work and its neighbour's
+    assert jitter[0] > tl.bubble and jitter[1] > tl.makespan
+    # a slowdown shared by a stage's actions does not average out over the step
+    shared = expected_timeline(sched, cost, lambda s, a: 0.0, draws=100, jitter=[0.3, 0.3])
+    assert shared[0] > jitter[0]
+
+
 def _metrics(tmp_path, **last):
     """A tiny ``python -m mpnn.train --metrics`` file: two epochs, costs in the last."""
     import json
@@ -473,6 +512,40 @@ def test_cli_costs_from_metrics(capsys, tmp_path):
         "F": [[1.0], [1.0]], "B": [[1.0], [1.0]], "W": [[1.0], [1.0]]}, message_latency_s=0)
     out = _cli(capsys, "--costs-from", path)
     assert "F:B:W 1:1:1, 1:1:1: predicted step time 13 s, bubble 0.0769" in out
+    assert "measured spread" not in out  # a file without action_costs_std_s
+
+
+def test_cli_costs_from_spread_overhead_and_starts(capsys, tmp_path):
+    from mpnn.parallel.simulator import expected_timeline
+
+    spread = {"F": [[0.0002], [0.0004]], "B": [[0.0003], [0.0005]], "W": [[0], [0]]}
+    path = _metrics(tmp_path, action_costs_std_s=spread, action_overhead_s=[2e-5, 3e-5],
+                    step_start_s=[0.0003, 0.0], step_jitter=[0.05, 0.0])
+    out = _cli(capsys, "--costs-from", path)
+    f, b, sf, sb = [0.001, 0.002], [0.002, 0.004], [0.0002, 0.0004], [0.0003, 0.0005]
+    sched = make_schedule("1f1b", 2, 4)
+    kw = dict(latency=1e-4, overhead=[2e-5, 3e-5], start=[0.0003, 0.0])
+    tl = timeline(sched, lambda r, a: b[r] if a.kind is Kind.BACKWARD else f[r], **kw)
+    assert (f"and overhead 2e-05, 3e-05 s per action: predicted step time {tl.makespan:.4g} s, "
+            f"bubble {tl.bubble:.4f}") in out
+    bubble, span = expected_timeline(
+        sched, lambda r, a: b[r] if a.kind is Kind.BACKWARD else f[r],
+        lambda r, a: sb[r] if a.kind is Kind.BACKWARD else sf[r], jitter=[0.05, 0.0], **kw)
+    assert (f"with the measured spread of every action (200 seeded draws, stages starting "
+            f"0.0003, 0 s late, steps slowed by 5.0%, 0.0%): expected step time {span:.4g} s, "
+            f"bubble {bubble:.4f}") in out
+    # --overhead replaces the file's
+    out = _cli(capsys, "--costs-from", path, "--overhead", "0")
+    assert "overhead" not in out.split("predicted")[0].split("with measured")[1]
+    for bad, key in ((dict(action_overhead_s=[1e-5]), "action_overhead_s"),
+                     (dict(step_start_s=[0, -1]), "step_start_s"),
+                     (dict(step_jitter=[0.1]), "step_jitter"),
+                     (dict(action_costs_std_s={"F": [[0]], "B": [[0]], "W": [[0]]}),
+                      "action_costs_std_s")):
+        err = _cli_error(capsys, "--costs-from", _metrics(tmp_path, **bad))
+        assert key in err
+    assert "one per stage (--pp 2)" in _cli_error(capsys, "--costs-from", _metrics(tmp_path),
+                                                  "--overhead", "1,2,3")
 
 
 def test_cli_costs_from_errors(capsys, tmp_path):

@@ -343,18 +343,23 @@ def _beta1_gemms():
     Loading SciPy's BLAS here also gives it NumPy's thread limit.
     """
     try:
-        from scipy.linalg import blas
         from threadpoolctl import threadpool_info, threadpool_limits
     except ImportError:
         return {}
-    before = {i["filepath"]: i["num_threads"] for i in threadpool_info()
-              if i.get("user_api") == "blas"}  # NumPy's, plus SciPy's if loaded earlier
-    gemm_lib = blas.sgemm  # noqa: F841  (the library is loaded with the module)
-    after = {i["filepath"]: i["num_threads"] for i in threadpool_info()
-             if i.get("user_api") == "blas"}
+
+    def blas_threads():
+        return {i["filepath"]: i["num_threads"] for i in threadpool_info()
+                if i.get("user_api") == "blas"}
+
+    before = blas_threads()  # NumPy's, plus SciPy's if something loaded it earlier
+    try:
+        from scipy.linalg import blas  # loads SciPy's own BLAS, if it has one
+    except ImportError:
+        return {}
+    after = blas_threads()
     if before and set(after) != set(before):  # SciPy just loaded its own: NumPy's limit
         threadpool_limits(limits=min(before.values()), user_api="blas")
-        after = dict.fromkeys(after, min(before.values()))
+        after = blas_threads()
     if len(after) > 1 and max(after.values()) > 1:
         return {}
     return {np.dtype(np.float32): blas.sgemm, np.dtype(np.float64): blas.dgemm}

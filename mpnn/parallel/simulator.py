@@ -9,11 +9,16 @@ dependencies, and returns the stage x slot grid, idle slots, the bubble and
 the peak live micro-batches per stage, or a deadlock report (``Stall``) naming
 the stage, slot and stuck action of every stage that can never proceed.
 
-``timeline(schedule, cost, latency, unit_bytes)`` runs the same lists with
-real per-action costs and a latency per message between ranks, and predicts
+``timeline(schedule, cost, latency, unit_bytes, overhead, start)`` runs the
+same lists with real per-action costs, a latency per message between ranks,
+the executor's overhead per action and each stage's start, and predicts
 the step time (makespan), each rank's busy and idle time, the bubble, and the
 peak live activations per rank, in micro-batches and (given the bytes one
 micro-batch holds on each chunk) in bytes.
+
+``expected_timeline`` averages ``timeline`` over costs drawn around their
+means with their measured spread: a pipeline waits for the slower of two
+neighbours, so jitter adds idle time that mean costs do not show.
 
 Pure Python: no MPI, no NumPy.
 
@@ -259,6 +264,8 @@ class Timeline:
     peak_live: list = field(default_factory=list)  # most (mb, chunk) alive at once, per rank
     peak_bytes: list | None = None  # most activation bytes alive at once (given unit_bytes)
     latency: float = 0.0  # seconds each message between ranks took
+    overhead: list | None = None  # per rank: seconds charged between its actions
+    start: list | None = None  # per rank: when it began the step
 
     @property
     def makespan(self):
@@ -267,27 +274,42 @@ class Timeline:
 
     @property
     def idle(self):
-        """Idle seconds per rank, up to the makespan."""
-        return [self.makespan - b for b in self.busy]
+        """Idle (waiting) seconds per rank up to the makespan: neither computing
+        nor spending the executor's overhead."""
+        zeros = [0.0] * len(self.busy)
+        return [max(0.0, self.makespan - b - o - t0) for b, o, t0
+                in zip(self.busy, self.overhead or zeros, self.start or zeros, strict=True)]
 
     @property
     def bubble(self):
-        p, total = len(self.busy), self.makespan
-        return 1.0 - sum(self.busy) / (p * total) if total else 0.0
+        """Idle over idle plus busy, summed over the ranks: what ``mpnn.train``
+        measures (without overhead: 1 − Σ busy / (p · makespan))."""
+        idle = sum(self.idle)
+        total = idle + sum(self.busy)
+        return idle / total if total else 0.0
 
 
-def timeline(schedule, cost, latency=0.0, unit_bytes=None):
+def timeline(schedule, cost, latency=0.0, unit_bytes=None, overhead=None, start=None):
     """Run ``schedule`` with ``cost(stage, action)`` seconds per compute action (F, B, W).
 
-    Sends are free and non-blocking; a receive completes when its message was
-    sent plus ``latency`` seconds if it crosses ranks (a message between two
-    chunks of one rank is free); each stage runs its actions in order: every
+    Sends are free and non-blocking; a message between ranks moves once both
+    sides are at it and then takes ``latency`` seconds: the receive completes
+    at max(its stage's clock, the send's time) + latency. That is how MPI
+    without an asynchronous progress thread behaves (MPICH's shared-memory
+    path copies a large message inside the receiver's Wait), and what
+    ``mpnn.train`` measures: every receive costs its copy, even of a message
+    sent long before. A message between two chunks of one rank is free. Each
+    stage runs its actions in order, from ``start[stage]`` (default 0): every
     time is fixed by those dependencies, so the stages can be advanced in any
     order. With unit cost and no latency this gives the same bubble as
     ``simulate``; with measured per-stage costs it predicts the step time and
     bubble of an unbalanced pipeline. ``cost`` is asked about the action as the
     schedule has it: a B is only dL/d(input) where the rank's list has a W for
-    its (mb, chunk), else the whole backward.
+    its (mb, chunk), else the whole backward. ``overhead[stage]`` seconds
+    (default none) follow each compute action on that stage: the executor's
+    own time between actions (dispatch, posting messages), measured by
+    ``mpnn.train`` as ``action_overhead_s``; it delays what follows but is
+    neither busy nor idle.
 
     Memory: a (mb, chunk) is alive on its rank from its F until its W if the
     rank's list has one for it, else its B (the rule ``simulate`` counts by).
@@ -301,7 +323,9 @@ def timeline(schedule, cost, latency=0.0, unit_bytes=None):
     p = len(schedule)
     pipe = Pipe(p, 1 + max([a.chunk for acts in schedule for a in acts], default=0))
     split = [{(a.mb, a.chunk) for a in acts if a.kind is Kind.WEIGHT} for acts in schedule]
-    pc, clock, busy = [0] * p, [0.0] * p, [0.0] * p
+    pc, busy, spent = [0] * p, [0.0] * p, [0.0] * p
+    clock = [float(t) for t in start] if start is not None else [0.0] * p
+    extra = [float(x) for x in overhead] if overhead is not None else [0.0] * p
     live, peak = [0] * p, [0] * p
     held, peak_bytes = [0] * p, [0] * p
     starts = [[] for _ in range(p)]
@@ -314,17 +338,19 @@ def timeline(schedule, cost, latency=0.0, unit_bytes=None):
                 a = schedule[s][pc[s]]
                 if a.kind in SENDS:
                     key = pipe.message(a, s)
-                    sent[key] = clock[s] + (latency if key[0] != key[1] else 0.0)
+                    sent[key] = clock[s]
                 elif a.kind in RECEIVES:
                     key = pipe.message(a, s)
                     if key not in sent:
                         break
-                    clock[s] = max(clock[s], sent.pop(key))
+                    moved = latency if key[0] != key[1] else 0.0
+                    clock[s] = max(clock[s], sent.pop(key)) + moved
                 elif a.kind in COMPUTE:
                     d = float(cost(s, a))
                     starts[s].append((clock[s], clock[s] + d, a))
-                    clock[s] += d
+                    clock[s] += d + extra[s]
                     busy[s] += d
+                    spent[s] += extra[s]
                     size = unit_bytes(s, a.chunk) if unit_bytes is not None else 0
                     if a.kind is Kind.FORWARD:
                         live[s] += 1
@@ -340,4 +366,33 @@ def timeline(schedule, cost, latency=0.0, unit_bytes=None):
     if stuck:
         raise ScheduleError("deadlock: " + "; ".join(map(str, stuck)))
     return Timeline(busy, clock, starts, peak, peak_bytes if unit_bytes is not None else None,
-                    float(latency))
+                    float(latency), spent if overhead is not None else None,
+                    [float(t) for t in start] if start is not None else None)
+
+
+def expected_timeline(schedule, cost, spread, draws=200, seed=0, jitter=None, **kwargs):
+    """The mean bubble and makespan of ``timeline`` over ``draws`` seeded runs.
+
+    In each run stage s is slowed by a factor ``max(0, N(1, jitter[s]²))``
+    shared by all its actions (default 1: none), and every compute action
+    costs that factor times ``max(0, N(cost(stage, action), spread(stage,
+    action)²))`` seconds, drawn independently. A pipeline waits for the
+    slower of two neighbours, so both kinds of variation add idle time that
+    mean costs do not show; the shared one adds more, because it does not
+    average out over a step's actions. The same answer every time (seeded).
+    Returns (bubble, makespan); with zero spread and jitter, ``timeline``'s.
+    """
+    import random
+
+    rng = random.Random(seed)
+    shared = list(jitter) if jitter is not None else [0.0] * len(schedule)
+    bubbles, spans = [], []
+    for _ in range(draws):
+        scale = [max(0.0, rng.gauss(1.0, j)) for j in shared]
+
+        def drawn(s, a, scale=scale):
+            return scale[s] * max(0.0, rng.gauss(cost(s, a), spread(s, a)))
+        tl = timeline(schedule, drawn, **kwargs)
+        bubbles.append(tl.bubble)
+        spans.append(tl.makespan)
+    return sum(bubbles) / draws, sum(spans) / draws
