@@ -184,6 +184,29 @@ def _per_action(table, schedule, halve, join):
     return value
 
 
+def predict_run(path, draws=200):
+    """What the timed simulator predicts for the run whose ``--metrics`` file is
+    ``path``, with everything it measured: {"bubble": from the mean costs,
+    "expected": over ``draws`` seeded draws with the measured spreads (the
+    mean-cost one when the file has none), "step_s": the expected step time}.
+    The figures ``python -m mpnn.schedule --costs-from`` prints."""
+    from .parallel.pipeline_orders import make_schedule
+    from .parallel.simulator import expected_timeline, timeline
+
+    costs, extras, keys = read_costs(path)
+    schedule = make_schedule(keys.get("schedule", "1f1b"), len(costs),
+                             keys.get("micro_batches", 8), len(costs[0]))
+    price = cost_function(costs, schedule)
+    kw = dict(latency=extras["latency"], overhead=extras["overhead"], start=extras["start"])
+    tl = timeline(schedule, price, **kw)
+    expected, span = tl.bubble, tl.makespan
+    if extras["spread"] is not None:
+        expected, span = expected_timeline(schedule, price,
+                                           spread_function(extras["spread"], schedule),
+                                           draws=draws, jitter=extras["jitter"], **kw)
+    return {"bubble": tl.bubble, "expected": expected, "step_s": span}
+
+
 def unit_bytes(sizes, layers, rows, itemsize, p):
     """bytes(rank, chunk) one micro-batch keeps on that chunk (see COSTS_HELP)."""
     def size(rank, chunk):

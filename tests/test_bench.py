@@ -148,3 +148,35 @@ def test_dp_measurement_under_mpirun():
     for mode in dp_worker.MODES:
         assert dp[mode]["per_rank_samples_s"] > 0
     assert dp["overlapped"]["efficiency"] > 0
+
+
+def test_pipeline_bench_end_to_end(capsys, tmp_path):
+    """python -m mpnn.bench.pipeline on a tiny model: serial and two schedules under
+    mpirun -n 2, the table, and figures that hold together."""
+    import json
+
+    from mpnn.bench import pipeline
+
+    if dp_worker.find_mpirun() is None:
+        pytest.skip("mpirun not found")
+    out = tmp_path / "p.json"
+    assert pipeline.main(["--dataset", "digits", "--hidden", "16,16,16", "--batch-size", "64",
+                          "--micro-batches", "4", "--rounds", "1",
+                          "--schedules", "zb-h1,interleaved-1f1b:2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "zb-h1" in text and "interleaved-1f1b V=2" in text and "serial 1 thread" in text
+    figures = json.loads(out.read_text())
+    assert len(figures["serial_samples_per_s"]) == 1
+    for rows in figures["runs"].values():
+        (row,) = rows
+        assert row["ratio"] > 0 and 0 <= row["bubble"] < 1 and 0 <= row["expected"] < 1
+        assert row["error"] == pytest.approx((row["bubble"] - row["expected"]) / row["expected"])
+
+
+def test_pipeline_bench_refuses_unknown_schedules():
+    from mpnn.bench import pipeline
+
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(["--schedules", "1f1b,zigzag"])
+    with pytest.raises(SystemExit):
+        pipeline.parse_args(["--schedules", "interleaved-1f1b:x"])

@@ -162,12 +162,17 @@ def dp_threads(threads, ranks):
     return min(threads, threads_per_rank(available_cores(), ranks))
 
 
+def find_mpirun():
+    """The mpirun beside this Python (the PyPI mpich wheel's), else on PATH, else None."""
+    here = Path(sys.executable).parent
+    return next((str(p) for p in (here / "mpirun", here / "mpiexec") if p.exists()),
+                shutil.which("mpirun") or shutil.which("mpiexec"))
+
+
 def launch(ranks=2, threads=1, repeats=9, block_s=0.15, bucket_mb=0.1, batch=256,
            rows=TRAIN_ROWS, timeout_s=600):
     """Run this worker under ``mpirun -n ranks``; its ``figures``, or why not (a string)."""
-    here = Path(sys.executable).parent
-    mpirun = next((str(p) for p in (here / "mpirun", here / "mpiexec") if p.exists()),
-                  shutil.which("mpirun") or shutil.which("mpiexec"))
+    mpirun = find_mpirun()
     if mpirun is None:
         return "mpirun not found"
     n = dp_threads(threads, ranks)

@@ -6,8 +6,8 @@ sync. Once per epoch ``gather_stage_times`` gathers every rank's clock over the
 grid, averages each stage over its replicas, and returns what ``mpnn.train
 --metrics`` records: busy / idle / sync seconds per stage, the measured bubble,
 and ``action_costs_s`` (the mean seconds of one F, B and W on each rank and
-chunk) and ``message_latency_s`` (what one receive costs: the lower quartile
-of the epoch's receive waits), which ``python -m mpnn.schedule --costs-from`` reads to
+chunk) and ``message_latency_s`` (what one receive costs: the median of the
+receives whose message had arrived), which ``python -m mpnn.schedule --costs-from`` reads to
 predict this pipeline's bubble.
 """
 
@@ -37,7 +37,9 @@ class StageClock:
     gaps        seconds between one step's end and the next one's start: the
                 loop's work (optimizer, guards, reading the batch), which
                 delays this stage's first action
-    receives    seconds of every receive's wait (also in idle_s)
+    receives    seconds of every receive that had to wait (also in idle_s)
+    copies      seconds of every receive whose message had arrived (also in
+                idle_s): what taking a message costs
     step_busy   compute seconds of every step: their spread beyond what the
                 actions' own spreads explain is a slowdown shared by all the
                 actions of a step (the machine busy elsewhere)
@@ -51,7 +53,8 @@ class StageClock:
         self.busy = dict.fromkeys(KINDS, 0.0)
         self.idle_s = self.sync_s = self.step_s = 0.0
         self.cost = {k: [[0.0, 0.0, 0] for _ in range(self.chunks)] for k in KINDS}
-        self.gaps, self._ended, self.receives, self.step_busy = [], None, [], []
+        self.gaps, self._ended, self.step_busy = [], None, []
+        self.receives, self.copies = [], []  # waits; receives that found their message
         self._busy_before = 0.0
 
     def timed(self, kind, chunk, t0):
@@ -73,10 +76,11 @@ class StageClock:
         self.step_busy.append(busy - self._busy_before)
         self._busy_before = busy
 
-    def received(self, seconds):
-        """A receive's wait took ``seconds``."""
+    def received(self, seconds, arrived):
+        """A receive took ``seconds``; ``arrived``: its first Test completed it (the
+        message had been sent, and the time is only its copy)."""
         self.idle_s += seconds
-        self.receives.append(seconds)
+        (self.copies if arrived else self.receives).append(seconds)
 
     def _jitter(self, cells, spread):
         steps = len(self.step_busy)
@@ -90,21 +94,23 @@ class StageClock:
 
     def take(self):
         """[forward, backward, weight, idle, sync seconds, the overhead per compute
-        action, the mean gap between steps, the receive cost, the step jitter,
-        then the mean seconds of one F on each chunk, of one B, of one W, then
-        their standard deviations (0 where none ran)] (9 + 6V,); restarts.
+        action, the mean gap between steps, the receive cost, the lower quartile
+        of the receives that waited, the step jitter, then the mean seconds of
+        one F on each chunk, of one B, of one W, then their standard deviations
+        (0 where none ran)] (10 + 6V,); restarts.
 
         The mean gap leaves out gaps over ten times the median (a checkpoint's).
         The step jitter is the relative standard deviation of a slowdown common
         to all of a step's actions: √(Var(step busy) − Σ actions' variances) /
         mean step busy (0 when independent actions explain the spread).
 
-        The receive cost is the lower quartile of the receives' waits: MPI
-        without an asynchronous progress thread moves a large message inside
-        the receiver's Wait, so even a message sent long before costs its copy
-        there, and most receives of a full pipeline find their message sent (a
-        ping-pong, both sides inside MPI and copying at once, measures a third
-        of it on the development machine).
+        The receive cost is the median time of the receives whose message had
+        arrived (their first ``Test`` completed them): MPI without an
+        asynchronous progress thread moves a large message inside the
+        receiver's call, so even a message sent long before costs its copy
+        there (a ping-pong, both sides inside MPI and copying at once,
+        measures a third of it on the development machine); 0 when every
+        receive waited (a stage always behind its neighbour).
 
         overhead per action = (step − busy − idle − sync) / compute actions: the
         executor's time between actions, spread evenly over them, which is how
@@ -117,10 +123,11 @@ class StageClock:
         rest = max(0.0, self.step_s - busy - self.idle_s - self.sync_s)
         gaps = np.array(self.gaps)
         gap = float(gaps[gaps <= 10 * np.median(gaps)].mean()) if gaps.size else 0.0
-        copy = float(np.percentile(self.receives, 25)) if self.receives else 0.0
+        copy = float(np.median(self.copies)) if self.copies else 0.0
+        wait = float(np.percentile(self.receives, 25)) if self.receives else 0.0
         row = [*(self.busy[k] for k in KINDS), self.idle_s, self.sync_s,
-               rest / actions if actions else 0.0, gap, copy, self._jitter(cells, spread),
-               *means, *spread]
+               rest / actions if actions else 0.0, gap, copy, wait,
+               self._jitter(cells, spread), *means, *spread]
         self._reset()
         return row
 
@@ -140,7 +147,8 @@ def gather_stage_times(world, clock, stage, p, schedule, micro_batches):
     than the earliest each stage starts a step (its mean gap between steps,
     relative), ``step_jitter``: each stage's slowdown shared by a step's
     actions (``StageClock.take``), and ``message_latency_s``: the cost of one
-    receive averaged over the ranks that received, with the pipeline's keys
+    receive whose message had arrived, averaged over the ranks that had such
+    receives, with the pipeline's keys
     (``schedule``, ``pp``, ``virtual_stages``, ``micro_batches``) that
     ``python -m mpnn.schedule --costs-from`` reads.
     """
@@ -152,14 +160,16 @@ def gather_stage_times(world, clock, stage, p, schedule, micro_batches):
     for row in every:
         sums[int(row[0])] += row[1:]
         count[int(row[0])] += 1
-    copies = every[:, 8][every[:, 8] > 0]  # ranks that received anything
-    latency = float(copies.mean()) if copies.size else 0.0
-    means = sums / count  # (p, 9 + 6v)
-    fwd, bwd, wgt, idle, sync, overhead, gap, _, jitter = means[:, :9].T
+    # one receive's cost: from the ranks whose messages had arrived, else (every
+    # receive waited) the shortest waits, an upper bound
+    copies, waits = every[:, 8][every[:, 8] > 0], every[:, 9][every[:, 9] > 0]
+    latency = float(copies.mean()) if copies.size else float(waits.mean()) if waits.size else 0.0
+    means = sums / count  # (p, 10 + 6v)
+    fwd, bwd, wgt, idle, sync, overhead, gap, _, _, jitter = means[:, :10].T
     busy = fwd + bwd + wgt
     total = busy.sum() + idle.sum()
-    per = means[:, 9:9 + 3 * v].reshape(p, 3, v)  # (p, kind, chunk)
-    spread = means[:, 9 + 3 * v:].reshape(p, 3, v)  # replicas' spreads averaged
+    per = means[:, 10:10 + 3 * v].reshape(p, 3, v)  # (p, kind, chunk)
+    spread = means[:, 10 + 3 * v:].reshape(p, 3, v)  # replicas' spreads averaged
     return {"stage_busy_s": _rounded(busy), "stage_idle_s": _rounded(idle),
             "stage_sync_s": _rounded(sync), "stage_forward_s": _rounded(fwd),
             "stage_backward_s": _rounded(bwd), "stage_weight_s": _rounded(wgt),
