@@ -4,7 +4,7 @@ Runs ``python -m mpnn.train`` serially (one thread) and under ``mpirun -n 2
 ... --pp 2`` with each schedule, on the same model, data and global batch,
 one thread per rank, for ``--rounds`` rounds (serial first, then every
 schedule, in every round: a noisy machine slows the runs of a round alike).
-For each schedule it prints the median and range over the rounds of:
+For each schedule it prints the median [min, max] over the rounds of:
 
 * throughput over the same round's serial throughput (training samples/s of
   the epochs, as ``mpnn.train`` reports them);
@@ -17,7 +17,8 @@ For each schedule it prints the median and range over the rounds of:
   relative error of the measurement against it.
 
     python -m mpnn.bench.pipeline [--hidden 512,...] [--batch-size 1024]
-        [--micro-batches 8] [--rounds 3] [--schedules 1f1b,zb-h1,...] [--json PATH]
+        [--micro-batches 8] [--rounds 3] [--schedules 1f1b,zb-h1,...]
+        [--partition profile] [--json PATH]
 
 A schedule name may carry its model chunks per rank after a colon:
 ``interleaved-1f1b:2`` runs ``--virtual-stages 2``. Takes minutes: every run
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     a("--rounds", type=int, default=3, help="rounds of every run (median, range; default 3)")
     a("--schedules", default=DEFAULT_SCHEDULES,
       help=f"comma-separated, NAME[:V] (default {DEFAULT_SCHEDULES})")
+    a("--partition", default=None, metavar="SPEC",
+      help="mpnn.train's --partition for every pipeline run (default: its FLOP balance; "
+           "'profile' times the layers first)")
     a("--json", metavar="PATH", help="also write every run's figures as JSON")
     args = p.parse_args(argv)
     args.runs = []
@@ -84,7 +88,7 @@ def _train(argv, metrics, ranks=1, mpirun=None):
 
 
 def _spread(values, fmt):
-    return f"{fmt(statistics.median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+    return f"{fmt(statistics.median(values))} [{fmt(min(values))}, {fmt(max(values))}]"
 
 
 def main(argv=None):
@@ -97,7 +101,8 @@ def main(argv=None):
               "--threads", "1", "--quiet", "--epochs", str(args.epochs)]
     print(f"mpnn.bench.pipeline: {args.dataset}, --hidden {args.hidden}, --batch-size "
           f"{args.batch_size}, {args.micro_batches} micro-batches, 1 thread per rank, "
-          f"{args.rounds} round(s)", flush=True)
+          f"{args.rounds} round(s)"
+          + (f", --partition {args.partition}" if args.partition else ""), flush=True)
     serial, runs = [], {f"{n}:{v}": [] for n, v in args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -106,6 +111,8 @@ def main(argv=None):
                 path = Path(tmp) / f"{name}-{v}-{r}.jsonl"
                 extra = ["--pp", "2", "--micro-batches", str(args.micro_batches),
                          "--schedule", name] + (["--virtual-stages", str(v)] if v > 1 else [])
+                if args.partition:
+                    extra += ["--partition", args.partition]
                 record = _train(common + extra, path, ranks=2, mpirun=mpirun)
                 pred = predict_run(path)
                 runs[f"{name}:{v}"].append({
