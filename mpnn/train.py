@@ -138,7 +138,14 @@ def build_parser():
     g = p.add_argument_group("pipeline (model) parallelism")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages per replica (default 1)")
     g.add_argument("--dp", type=int, default=None,
-                   help="data-parallel replicas (default: ranks / --pp)")
+                   help="data-parallel replicas (default: ranks / (--pp x --tp))")
+    g.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel shards of every stage's layers (default 1): consecutive "
+                        "layers pair up, column-parallel (W split by outputs) then row-parallel "
+                        "(W split by inputs, one Allreduce); a stage with an odd number of "
+                        "layers keeps its last one (the output layer, in a 1-stage run) whole "
+                        "on every rank; widths --tp does not divide are split unevenly, and "
+                        "every hidden layer needs at least --tp features")
     g.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches per global batch and replica in the pipeline (default 1)")
     g.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES),
@@ -173,8 +180,8 @@ def config_from_args(ns):
         model=ModelConfig(tuple(ns.hidden), ns.activation, ns.loss, ns.dtype, ns.backend, ns.init),
         optim=OptimConfig(ns.optimizer, ns.lr, ns.lr_schedule, ns.momentum, ns.nesterov,
                           ns.weight_decay),
-        parallel=ParallelConfig(ns.dp, ns.pp, ns.micro_batches, ns.schedule, ns.virtual_stages,
-                                ns.partition, ns.bucket_mb, ns.threads),
+        parallel=ParallelConfig(ns.dp, ns.pp, ns.tp, ns.micro_batches, ns.schedule,
+                                ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),

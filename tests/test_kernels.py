@@ -79,6 +79,21 @@ def test_linear_act(ops, dtype, B, I, O, act):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,I,O", SHAPES)
 @pytest.mark.parametrize("act", ACTS)
+def test_bias_act(ops, dtype, B, I, O, act):
+    """act(z + b) in place: linear_act's second half, from the reference's equation."""
+    from mpnn.nn import functional as F
+
+    rng = np.random.default_rng(B * 7 + O)
+    z, b = rand(rng, (B, O), dtype, -3, 3), rand(rng, (O,), dtype)
+    expected = F.ACTIVATIONS[act][0](z.astype(np.float64) + b)[0]
+    out = dev(ops, z.copy())
+    assert ops.bias_act(out, dev(ops, b), act) is out
+    close(host(ops, out), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,I,O", SHAPES)
+@pytest.mark.parametrize("act", ACTS)
 def test_act_bias_backward(ops, dtype, B, I, O, act):
     rng = np.random.default_rng(B + I + O)
     z = rand(rng, (B, O), dtype, -3, 3)
@@ -346,7 +361,7 @@ def test_scipy_gemm_used_when_scipy_loads_after_the_thread_limit():
 
 # ------------------------------------------------------------ the interface
 
-OPS = ("linear_act", "act_bias_backward", "weight_grad", "input_grad", "loss", "predict_stats",
+OPS = ("linear_act", "bias_act", "act_bias_backward", "weight_grad", "input_grad", "loss", "predict_stats",
        "sgd_step", "momentum_step", "adam_step", "to_device", "to_host", "synchronize")
 
 

@@ -16,6 +16,7 @@ tested against it); what is the same for all of them is written here once:
 The op set (arrays are the backend's array type, ``xp``):
 
     linear_act(x, W, b, act, out)           out = act(x·W + b)                  (B, O)
+    bias_act(z, b, act)                     z ← act(z + b), in place            (B, O)
     act_bias_backward(dy, y, act, db)       dz = dy ⊙ act'(y) over dy; db += Σ_rows dz
     weight_grad(x, dz, dW)                  dW += xᵀ·dz                          (I, O)
     input_grad(dz, W, out)                  out = dz·Wᵀ                          (B, I)
@@ -123,6 +124,11 @@ class OpSet(ABC):
     @abstractmethod
     def linear_act(self, x, W, b, act, out):
         """out = act(x·W + b): x (B, I), W (I, O), b (O,) -> out (B, O), returned."""
+
+    @abstractmethod
+    def bias_act(self, z, b, act):
+        """z = act(z + b), in place, returned: z (B, O), b (O,). The second half of
+        ``linear_act``, for a product summed over ranks first (a row-parallel layer)."""
 
     # ----------------------------------------------------------- backward
 

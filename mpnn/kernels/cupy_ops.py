@@ -171,8 +171,12 @@ class CupyOps(OpSet):
     def linear_act(self, x, W, b, act, out):
         """out = act(x·W + b): x (B, I), W (I, O), b (O,) -> out (B, O)."""
         self.xp.matmul(x, W, out=out)  # (B, O) cuBLAS
-        self._forward[act](b, out)
-        return out
+        return self.bias_act(out, b, act)
+
+    def bias_act(self, z, b, act):
+        """z = act(z + b) in place, one elementwise kernel: z (B, O), b (O,)."""
+        self._forward[act](b, z)
+        return z
 
     # ----------------------------------------------------------- backward
 

@@ -269,11 +269,15 @@ class NumbaOps(HostOpSet):
     def linear_act(self, x, W, b, act, out):
         """out = act(x·W + b): x (B, I), W (I, O), b (O,) -> out (B, O)."""
         np.matmul(x, W, out=out)  # (B, O)
+        return self.bias_act(out, b, act)
+
+    def bias_act(self, z, b, act):
+        """z = act(z + b) in place, one fused pass: z (B, O), b (O,)."""
         code = ACT_CODES[act]
-        bias_act(out, b, code)
+        bias_act(z, b, code)
         if code == 2:
-            np.tanh(out, out=out)
-        return out
+            np.tanh(z, out=z)
+        return z
 
     # ----------------------------------------------------------- backward
 

@@ -21,12 +21,16 @@ class NumpyOps(HostOpSet):
     def linear_act(self, x, W, b, act, out):
         """out = act(x·W + b): x (B, I), W (I, O), b (O,) -> out (B, O)."""
         np.matmul(x, W, out=out)  # (B, O)
-        out += b
+        return self.bias_act(out, b, act)
+
+    def bias_act(self, z, b, act):
+        """z = act(z + b) in place: z (B, O), b (O,)."""
+        z += b
         if act == "relu":
-            np.maximum(out, 0, out=out)
+            np.maximum(z, 0, out=z)
         elif act != "identity":
-            out[...] = F.ACTIVATIONS[act][0](out)[0]
-        return out
+            z[...] = F.ACTIVATIONS[act][0](z)[0]
+        return z
 
     # ----------------------------------------------------------- backward
 

@@ -99,15 +99,37 @@ class MLP:
         self.activation = activation
         self.dtype = np.dtype(dtype)
         self.ops = ops if ops is not None else get_ops("numpy")
-        self.layout = Layout(sizes, layers)
-        self.layers = self.layout.layers
-        self.chunks = self.layout.chunks
+        self.whole_layout = Layout(sizes, layers)  # this rank's layers, whole tensors
+        self.layers = self.whole_layout.layers
+        self.chunks = self.whole_layout.chunks
         self.n_layers = len(sizes) - 1
+        self.layout = self._local_layout()
         self.flat = FlatParams(self.layout, self.dtype, xp=self.ops.xp)
         for i in self.layers:
-            W, b = init_layer(sizes, i, activation, seed, self.dtype)
+            W, b = self._local_tensors(i, *init_layer(sizes, i, activation, seed, self.dtype))
             self.flat.params[f"layers.{i}.weight"][...] = self.ops.to_device(W)
             self.flat.params[f"layers.{i}.bias"][...] = self.ops.to_device(b)
+
+    # The hooks a model that holds only part of each tensor (tensor parallelism,
+    # ``parallel.tensor``) overrides; here a rank holds its layers whole.
+
+    def _local_layout(self):
+        """The layout of this rank's flat buffers."""
+        return self.whole_layout
+
+    def _local_tensors(self, i, W, b):
+        """This rank's part of layer i's whole (W, b)."""
+        return W, b
+
+    def whole_stage(self, arrays):
+        """name -> this rank's flat host array (parameters or optimizer state, in
+        ``layout``) to name -> the array over ``whole_layout`` (its layers' whole
+        tensors), where that is assembled; here the arrays themselves."""
+        return arrays
+
+    def local_of(self, whole):
+        """A flat host array over ``whole_layout`` to this rank's part (``layout``)."""
+        return whole
 
     # ---------------------------------------------------------------- views
 

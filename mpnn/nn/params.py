@@ -41,10 +41,12 @@ class Layout:
     of them (a model, a pipeline stage), or several (the model chunks of one rank
     under an interleaved schedule), laid out chunk after chunk."""
 
-    def __init__(self, sizes, layers=None):
+    def __init__(self, sizes, layers=None, shapes=None):
         """sizes: feature sizes ``[in, h1, ..., out]``; layers: the ``range`` of
         linear layers this buffer holds (default: all ``len(sizes) - 1``), or a
-        list of such ranges (model chunks, in the order they are laid out)."""
+        list of such ranges (model chunks, in the order they are laid out);
+        shapes: layer -> (weight shape, bias shape) where a layer holds less
+        than its whole tensors (a tensor-parallel shard; default whole)."""
         layers = range(len(sizes) - 1) if layers is None else layers
         chunks = [layers] if isinstance(layers, range) else list(layers)
         self.sizes = tuple(int(s) for s in sizes)
@@ -54,8 +56,10 @@ class Layout:
             i for c in self.chunks for i in c)
         slots, offset = [], 0
         for i in self.layers:
-            for name, shape in ((f"layers.{i}.weight", (sizes[i], sizes[i + 1])),
-                                (f"layers.{i}.bias", (sizes[i + 1],))):
+            whole = ((sizes[i], sizes[i + 1]), (sizes[i + 1],))
+            w_shape, b_shape = shapes[i] if shapes is not None else whole
+            for name, shape in ((f"layers.{i}.weight", tuple(w_shape)),
+                                (f"layers.{i}.bias", tuple(b_shape))):
                 slot = Slot(name, shape, offset)
                 slots.append(slot)
                 offset = slot.stop

@@ -26,6 +26,12 @@ from ..runtime.trace import NULL_TRACER
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 
+def tensor_line(model):
+    """The start-up line of a tensor-parallel model: the shards and their roles."""
+    roles = ", ".join(f"{i} {model.roles[i]}" for i in model.layers)
+    return f"tensor parallel tp {model.tp}: layers {roles}"
+
+
 class GradientSync:
     """Sums a flat gradient buffer over ``comm`` (one rank: a no-op)."""
 
@@ -211,6 +217,8 @@ class DataParallelEngine:
             self.sync = GradientSync(dp_comm, model.flat.grad, self.ops)
         self.ctx = Context()
         self.dlogits = None
+        # under tensor parallelism every shard computes the same loss: one reports it
+        self.reports = getattr(model, "reports", True)
 
     def train_step(self, x, labels, scale):
         """Forward, loss (scaled by 1/global_batch), backward, gradient sum.
@@ -229,7 +237,7 @@ class DataParallelEngine:
                 model.backward(self.dlogits, self.ctx, on_layer_done=self.sync.on_layer_done)
         with tracer.span("allreduce"):  # bucketed: the wait for the buckets started in backward
             self.sync.wait()
-        return loss_sum
+        return loss_sum if self.reports else 0.0
 
     def evaluate(self, x, labels, chunk=2048):
         """(loss_sum, n_correct) over rows x (n, I) of this rank."""
@@ -239,7 +247,7 @@ class DataParallelEngine:
             logits = self.model.forward(x[s:s + chunk], ctx)
             l, c = self.ops.predict_stats(logits, labels[s:s + chunk], self.loss)
             loss_sum, correct = loss_sum + l, correct + c
-        return loss_sum, correct
+        return (loss_sum, correct) if self.reports else (0.0, 0)
 
     def state_dict(self):
         """The whole model's named tensors (every replica holds them all)."""
@@ -253,4 +261,5 @@ class DataParallelEngine:
         return {}
 
     def describe(self):
-        return None
+        tp = getattr(self.model, "tp", 1)
+        return None if tp == 1 else tensor_line(self.model)

@@ -9,8 +9,9 @@ buffer: one ``Gatherv`` per array rebuilds it on the first stage. (Under an
 interleaved schedule a rank holds several chunks, rank r the stages r, r + p,
 ...; then the segments are put back in layer order: ``layout``.) Only
 replica 0 takes part (every replica holds the same weights); world rank 0 is
-that replica's first stage. Used by ``PipelineEngine.state_dict`` (``--save``)
-and by the checkpointer.
+that replica's first stage, and of each stage's tensor-parallel ranks only
+the first takes part, holding the stage's shards put together. Used by
+``PipelineEngine.state_dict`` (``--save``) and by the checkpointer.
 
 Shapes: n_s elements on stage s, N = n_0 + ... + n_{p-1} in the whole model.
 
@@ -30,7 +31,8 @@ def gather_whole(grid, arrays, layout=None):
     grid    the process grid (``mpnn.parallel.grid.Grid``; a serial run is a
             grid of one)
     arrays  name -> this stage's (n_s,) host array; the same names, in the
-            same order, on every stage
+            same order, on every stage (under tensor parallelism the stage's
+            whole arrays, assembled on its tp rank 0: ``model.whole_stage``)
     layout  this rank's ``Layout``, needed when ranks hold several model chunks
             (interleaved schedules): the segments are then reordered by layer
     Returns name -> (N,) host array on the first stage of replica 0 (world
@@ -38,7 +40,7 @@ def gather_whole(grid, arrays, layout=None):
     the other replicas return at once. With one stage the arrays themselves
     come back (no copy, no message).
     """
-    if grid.dp_rank != 0:
+    if grid.dp_rank != 0 or grid.tp_rank != 0:  # tp rank 0 holds each stage whole
         return None
     if grid.pp == 1:
         return dict(arrays)

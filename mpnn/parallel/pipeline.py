@@ -65,7 +65,7 @@ from ..data.batching import share_bounds
 from ..nn.model import Context
 from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
-from .data_parallel import GradientSync
+from .data_parallel import GradientSync, tensor_line
 from .gather import gather_whole
 from .partition import format_partition
 from .pipeline_eval import evaluate
@@ -123,6 +123,8 @@ class PipelineEngine:
         self.expected_peak_live = sim.peak_live[self.stage]
         self._split = {(a.mb, a.chunk) for a in self.actions if a.kind is Kind.WEIGHT}
         self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
+        # under tensor parallelism every shard computes the same loss: one reports it
+        self.reports = getattr(model, "reports", True)
         self.dispatch = {Kind.FORWARD: self._forward, Kind.BACKWARD: self._backward,
                          Kind.WEIGHT: self._weight,
                          Kind.SEND_ACT: self._send_act, Kind.RECV_ACT: self._receive,
@@ -172,7 +174,7 @@ class PipelineEngine:
         assert self.peak_live == self.expected_peak_live, (
             f"stage {self.stage}: {self.peak_live} live micro-batches, "
             f"simulator says {self.expected_peak_live}")
-        return self._loss_sum
+        return self._loss_sum if self.reports else 0.0
 
     def _rows(self, k):
         lo, hi = self._bounds[k]
@@ -365,7 +367,8 @@ class PipelineEngine:
         stage, (0.0, 0) on the others.
         """
         slots = [[_MicroBatch(), _MicroBatch()] for _ in range(self.v)]  # double-buffered
-        return evaluate(self, x, labels, chunk, slots)
+        loss_sum, correct = evaluate(self, x, labels, chunk, slots)
+        return (loss_sum, correct) if self.reports else (0.0, 0)
 
     # -------------------------------------------------------------- weights
 
@@ -378,7 +381,8 @@ class PipelineEngine:
         """
         self.ops.synchronize()
         flat = np.ascontiguousarray(self.ops.to_host(self.model.flat.data))  # (n_s,)
-        whole = gather_whole(self.grid, {"params": flat}, self.model.layout)
+        stage = self.model.whole_stage({"params": flat})  # tp shards put together
+        whole = gather_whole(self.grid, stage, self.model.whole_layout)
         if whole is None:
             return {}
         views = Layout(self.model.sizes).views(whole["params"])
@@ -402,6 +406,8 @@ class PipelineEngine:
             line += f", {self.v} virtual stages per rank"
         if self.stages is not None:
             line += f", layers per stage {format_partition(self.stages)}"
+        if getattr(self.model, "tp", 1) > 1:
+            line += f"; {tensor_line(self.model)} (this stage)"
         return line
 
     # -------------------------------------------------------------- metrics

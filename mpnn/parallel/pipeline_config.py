@@ -18,10 +18,10 @@ class PipelineConfigError(ValueError):
 
 
 def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, partition=None,
-                          schedule="1f1b", virtual_stages=1):
+                          schedule="1f1b", virtual_stages=1, tp=1):
     """Validate the grid and pipeline options before any message (same answer on every rank).
 
-    world ranks must be dp x pp; every stage (pp x virtual stages of them)
+    world ranks must be dp x pp x tp; every stage (pp x virtual stages of them)
     needs a layer; a ``--partition`` must list one positive count per stage,
     summing to the layers; the schedule must take the shape
     (``pipeline_orders.check_schedule``); a full global batch
@@ -35,7 +35,7 @@ def check_pipeline_config(world, dp, pp, n_layers, batch_size, micro_batches, pa
         raise PipelineConfigError(
             f"--micro-batches must be a positive integer (got {micro_batches})")
     try:
-        dp, pp = grid_shape(world, dp, pp)
+        dp, pp = grid_shape(world, dp, pp, tp)
         if v < 1:
             raise PipelineConfigError(f"--virtual-stages must be a positive integer (got {v})")
         if v > 1 and pp == 1:

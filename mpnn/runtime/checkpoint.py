@@ -319,7 +319,7 @@ class Checkpointer:
         params, optim = self._gather(model, opt)
         meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch),
                 "optimizer_t": int(opt.t), "epoch_loss_sum": total_loss, "config": self.config,
-                "grid": {"dp": self.grid.dp, "pp": self.grid.pp}}
+                "grid": {"dp": self.grid.dp, "pp": self.grid.pp, "tp": self.grid.tp}}
         if step > MAX_STEP:
             raise CheckpointError(f"step {step}: checkpoint names hold 9 digits, so steps end at "
                                   f"{MAX_STEP}; checkpoint less often (--checkpoint-every)")
@@ -348,8 +348,8 @@ class Checkpointer:
         ops = model.ops
         ops.synchronize()
         local = {"params": model.flat.data, **opt.state()}
-        whole = gather_whole(self.grid, {name: _host(ops, a) for name, a in local.items()},
-                             model.layout)
+        stage = model.whole_stage({name: _host(ops, a) for name, a in local.items()})
+        whole = gather_whole(self.grid, stage, model.whole_layout)  # tp shards put together
         if whole is None:
             return None, None
         return whole.pop("params"), whole

@@ -73,6 +73,7 @@ class OptimConfig:
 class ParallelConfig:
     dp: int | None = None  # data-parallel replicas (None: ranks / pp)
     pp: int = 1  # pipeline stages per replica
+    tp: int = 1  # tensor-parallel shards of every stage's layers
     micro_batches: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedules)
@@ -133,16 +134,25 @@ def validate(config, world_size):
     if o.optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {o.optimizer!r}; choose one of "
                           f"{', '.join(OPTIMIZERS)}")
-    if par.pp == 1 and config.batch_size < world_size:
-        raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {world_size} "
-                          f"ranks: every rank needs at least one row of each global batch; "
-                          f"use --batch-size >= {world_size} or fewer ranks")
+    replicas = world_size // (par.pp * par.tp) if par.pp >= 1 and par.tp >= 1 else world_size
+    if par.pp == 1 and config.batch_size < replicas:
+        who = f"{replicas} ranks" if par.tp == 1 else f"{replicas} data-parallel replicas"
+        raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {who}: every "
+                          f"{'rank' if par.tp == 1 else 'replica'} needs at least one row of "
+                          f"each global batch; use --batch-size >= {replicas} or fewer ranks")
     try:  # grid, stages, partition and micro-batches
         check_pipeline_config(world_size, par.dp, par.pp, len(m.hidden) + 1,
                               config.batch_size, par.micro_batches, par.partition,
-                              par.schedule, par.virtual_stages)
+                              par.schedule, par.virtual_stages, par.tp)
     except PipelineConfigError as e:
         raise ConfigError(str(e)) from None
+    if par.tp > 1:
+        from ..parallel.tensor import TensorConfigError, check_tensor_widths
+
+        try:
+            check_tensor_widths(m.hidden, par.tp)
+        except TensorConfigError as e:
+            raise ConfigError(str(e)) from None
     if o.lr is not None and o.lr == 0:
         raise ConfigError("--lr 0 would not train; give a positive learning rate")
     if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):

@@ -111,9 +111,9 @@ def train(run, log=print):
             loss_sum += loss
             step += 1
             # NaN/inf stops the run here, before any checkpoint can hold it
-            # (agreed over the ranks of one forward pass: a pipeline's stages)
+            # (agreed over the ranks of one forward pass: a pipeline's stages and shards)
             check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
-                         engine.activations, grid.pp_comm)
+                         engine.activations, grid.mp_comm or grid.pp_comm)
             if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
                 with tracer.span("checkpoint", step=step):
                     check_replicas_agree(grid.dp_comm, model.flat, f"at step {step}")

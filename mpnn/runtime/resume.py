@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..nn.params import Layout
 from .checkpoint import (
     LOOSE,
@@ -124,9 +126,11 @@ class Resume:
             raise CheckpointError(
                 f"checkpoint {self.path}: optimizer state {sorted(saved) or 'none'}, but this "
                 f"run's optimizer keeps {sorted(state) or 'none'} (--momentum 0 keeps none)")
-        for (lo, hi), (a, b) in _chunk_spans(model.layout):  # one span per model chunk
-            for name, arr in state.items():
-                arr[a:b] = model.ops.to_device(saved[name][lo:hi].astype(arr.dtype, copy=False))
+        for name, arr in state.items():
+            stage = np.empty(model.whole_layout.numel, arr.dtype)  # this rank's layers, whole
+            for (lo, hi), (a, b) in _chunk_spans(model.whole_layout):  # a span per chunk
+                stage[a:b] = saved[name][lo:hi]
+            arr[...] = model.ops.to_device(model.local_of(stage))  # its shards under --tp
         opt.t = int(self.checkpoint.meta["optimizer_t"])
 
 

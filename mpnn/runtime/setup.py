@@ -24,6 +24,7 @@ from ..parallel.grid import GridError, make_grid
 from ..parallel.partition import partition_layers
 from ..parallel.pipeline import PipelineEngine
 from ..parallel.profile import profiled_partition
+from ..parallel.tensor import TensorParallelMLP
 from .config import ConfigError, resolve_backend
 from .resume import load_resume
 from .threads import configure_threads
@@ -51,7 +52,7 @@ def setup(config, comm):
     of size 1 for a serial run). Collective over ``comm``."""
     par = config.parallel
     try:
-        grid = make_grid(comm, dp=par.dp, pp=par.pp)
+        grid = make_grid(comm, dp=par.dp, pp=par.pp, tp=par.tp)
     except GridError as e:
         raise ConfigError(str(e)) from None
     threads, warning = configure_threads(comm, par.threads)
@@ -70,7 +71,11 @@ def setup(config, comm):
     # a rank holds only its layers: its stage, or its chunks (stages rank, rank + pp, ...)
     layers = None if not stages else stages[grid.pp_rank] if v == 1 else \
         [stages[c * grid.pp + grid.pp_rank] for c in range(v)]
-    model = MLP(sizes, config.model.activation, dtype, config.seed, layers=layers, ops=ops)
+    if grid.tp > 1:  # this rank's shards of those layers
+        model = TensorParallelMLP(sizes, config.model.activation, dtype, config.seed,
+                                  layers=layers, ops=ops, tp_comm=grid.tp_comm)
+    else:
+        model = MLP(sizes, config.model.activation, dtype, config.seed, layers=layers, ops=ops)
     init = config.model.init
     if init:
         model.load_state_dict(load_weights(init), source=f"--init {init}")
@@ -154,6 +159,7 @@ def warm_up(model, config, data):
     dlogits = ops.xp.empty_like(logits)
     ops.loss(m.loss, logits, y, 0.5, dlogits)
     tiny.backward(dlogits, ctx, need_input_grad=True)
+    ops.bias_act(ctx.outputs[1], tiny.b(1), m.activation)  # a row-parallel layer's second half
     ops.predict_stats(tiny.forward(x, ctx), y, m.loss)
     make_optimizer(o.optimizer, tiny.flat, ops, 1e-3, o.momentum, o.nesterov,
                    o.weight_decay).step(1e-3)
