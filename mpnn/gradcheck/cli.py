@@ -14,7 +14,7 @@ import numpy as np
 
 from ..kernels import BACKENDS, get_ops
 from ..nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
-from ..runtime.options import nonneg_int, option_type
+from ..runtime.options import nonneg_int, option_type, positive_int
 from .finite_differences import (
     EPS,
     EPS_RANGE,
@@ -74,10 +74,16 @@ def main(argv=None):
     p.add_argument("--backend", default="numpy", choices=BACKENDS,
                    help="op set the model runs on (default numpy, the reference; then the "
                         "float32 section covers numpy, numba and cupy, where usable)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="T",
+                   help="check tensor parallelism instead, under mpirun -n T: the f and g "
+                        "operators and the sharded model against central differences of the "
+                        "serial one (T up to 6, the narrowest hidden layer of the check)")
     p.add_argument("--eps", type=_eps, default=EPS,
                    help=f"finite-difference half step in [{EPS_RANGE[0]:g}, {EPS_RANGE[1]:g}] "
                         f"(default {EPS:g}); the tolerances follow it")
     args = p.parse_args(argv)
+    if args.tp > 1:
+        return _main_tensor(args)
     try:
         ops = get_ops(args.backend)
         float32, skipped = float32_backends(args.backend)
@@ -95,3 +101,33 @@ def main(argv=None):
     for note in skipped:
         print(f"float32 kernels not checked: {note}")
     return 1 if bad else 0
+
+
+def _main_tensor(args):
+    """``--tp T``: the distributed check over MPI.COMM_WORLD; every rank returns the
+    verdict (0 all within tolerance, 1 not, 2 a world that is not T ranks)."""
+    from mpi4py import MPI
+
+    from .tensor import TP_SIZES, check_tensor_parallel
+
+    world = MPI.COMM_WORLD
+    narrowest = min(TP_SIZES[1:-1])
+    if world.Get_size() != args.tp or args.tp > narrowest:
+        if world.Get_rank() == 0:
+            why = (f"it runs on {world.Get_size()} rank(s)" if world.Get_size() != args.tp else
+                   f"its model's narrowest hidden layer has {narrowest} features")
+            print(f"gradcheck: --tp {args.tp} needs mpirun -n {args.tp} with --tp at most "
+                  f"{narrowest}, but {why}", file=sys.stderr)
+        return 2
+    ops = get_ops(args.backend)
+    results = check_tensor_parallel(ops, world, args.seed, args.eps)
+    status = 0
+    if world.Get_rank() == 0:
+        print(format_table(results))
+        bad = [r for r in results if not r.ok]
+        print(f"\n{len(results)} tensors checked, seed {args.seed}, --tp {args.tp}: the f and "
+              f"g operators and the sharded model (shards put together) vs central differences "
+              f"of the serial model (eps={args.eps:g}, backend {args.backend}): "
+              + (f"{len(bad)} FAILED" if bad else "all within tolerance"))
+        status = 1 if bad else 0
+    return world.bcast(status, root=0)
