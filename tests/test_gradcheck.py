@@ -249,3 +249,31 @@ def test_nan_gradient_fails():
     r = gradcheck.Result("x", "dx", float("nan"), 1e-7)
     assert not r.ok
     assert np.isnan(gradcheck.rel_error(np.array([np.nan]), np.array([1.0])))
+
+
+def test_distributed_gradcheck_passes_and_catches_a_broken_operator():
+    """mpirun -n 2 python -m mpnn.gradcheck --tp 2 passes; with f's backward missing
+    its Allreduce (or g's backward summing what it should pass on) it exits 1."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import MPIRUN
+
+    if not os.path.exists(MPIRUN):
+        pytest.skip("mpirun not found")
+
+    def run(code):
+        p = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-c", code], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        return p.returncode, p.stdout + p.stderr
+
+    main = "import sys; from mpnn.gradcheck.cli import main; sys.exit(main(['--tp', '2']))"
+    rc, out = run(main)
+    assert rc == 0, out
+    assert "tp2.op.f" in out and "tp2.op.g" in out and "all within tolerance" in out
+    for broken in ("f_backward = lambda self, dx: dx",
+                   "g_backward = lambda self, dy: self._allreduce(dy)"):
+        rc, out = run(f"from mpnn.parallel import tensor\ntensor.TensorParallelMLP.{broken}\n"
+                      + main)
+        assert rc == 1 and "FAILED" in out, (broken, out[-2000:])

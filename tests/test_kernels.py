@@ -361,8 +361,9 @@ def test_scipy_gemm_used_when_scipy_loads_after_the_thread_limit():
 
 # ------------------------------------------------------------ the interface
 
-OPS = ("linear_act", "bias_act", "act_bias_backward", "weight_grad", "input_grad", "loss", "predict_stats",
-       "sgd_step", "momentum_step", "adam_step", "to_device", "to_host", "synchronize")
+OPS = ("linear_act", "bias_act", "act_bias_backward", "weight_grad", "input_grad", "loss",
+       "predict_stats", "sgd_step", "momentum_step", "adam_step", "to_device", "to_host",
+       "synchronize")
 
 
 @pytest.mark.parametrize("cls", [NumpyOps, NumbaOps, CupyOps])

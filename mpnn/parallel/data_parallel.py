@@ -26,10 +26,19 @@ from ..runtime.trace import NULL_TRACER
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 
+def context_bytes(ctx):
+    """Bytes of the activation buffers a model Context holds (outputs and input
+    gradients of every layer; its inputs are the caller's)."""
+    return int(sum(a.nbytes for store in (ctx.outputs, ctx.grads) for a in store.values()))
+
+
 def tensor_line(model):
     """The start-up line of a tensor-parallel model: the shards and their roles."""
     roles = ", ".join(f"{i} {model.roles[i]}" for i in model.layers)
-    return f"tensor parallel tp {model.tp}: layers {roles}"
+    mb = model.flat.data.nbytes / 1e6
+    whole = model.whole_layout.numel * model.dtype.itemsize / 1e6
+    return (f"tensor parallel tp {model.tp}: layers {roles}; this rank holds {mb:.3g} MB of "
+            f"parameters of its layers' {whole:.3g} MB")
 
 
 class GradientSync:
@@ -259,6 +268,14 @@ class DataParallelEngine:
 
     def epoch_metrics(self):
         return {}
+
+    def memory(self):
+        """Bytes this rank allocated: parameters, gradients, and the activations the
+        last step kept (every buffer of its context, the loss gradient's too)."""
+        return {"params": int(self.model.flat.data.nbytes),
+                "grads": int(self.model.flat.grad.nbytes),
+                "activations": context_bytes(self.ctx) + (
+                    int(self.dlogits.nbytes) if self.dlogits is not None else 0)}
 
     def describe(self):
         tp = getattr(self.model, "tp", 1)

@@ -34,6 +34,9 @@ parameter server) is a new class here, not a branch in the loop.
                         job, called once per epoch on every rank; {} if none
     describe() -> str | None
                         one start-up line saying how the work is split, or None
+    memory() -> dict
+                        bytes this rank allocated, from the arrays: "params",
+                        "grads", "activations" (what the last step kept)
 
 See docs/parallelism.md#1-the-global-batch-is-the-unit.
 """
@@ -58,3 +61,5 @@ class Engine(Protocol):
     def epoch_metrics(self) -> dict: ...
 
     def describe(self) -> str | None: ...
+
+    def memory(self) -> dict: ...

@@ -65,7 +65,7 @@ from ..data.batching import share_bounds
 from ..nn.model import Context
 from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
-from .data_parallel import GradientSync, tensor_line
+from .data_parallel import GradientSync, context_bytes, tensor_line
 from .gather import gather_whole
 from .partition import format_partition
 from .pipeline_eval import evaluate
@@ -397,6 +397,16 @@ class PipelineEngine:
             for i, a in mb.ctx.outputs.items():
                 outputs.setdefault(i, []).append(a)
         return outputs
+
+    def memory(self):
+        """Bytes this rank allocated: parameters, gradients, and the activations of
+        every pooled micro-batch context and receive buffer."""
+        acts = sum(context_bytes(mb.ctx) + sum(h.nbytes for h in mb.host.values())
+                   for mb in self._free)
+        acts += sum(b.nbytes for pool in (self._inbox, self._inbox_host) for kind in pool.values()
+                    for b in kind.values())
+        return {"params": int(self.model.flat.data.nbytes),
+                "grads": int(self.model.flat.grad.nbytes), "activations": int(acts)}
 
     def describe(self):
         """The start-up line: grid, schedule, micro-batches, layers per stage."""

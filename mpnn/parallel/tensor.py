@@ -319,9 +319,10 @@ class TensorParallelMLP(MLP):
 
     # ------------------------------------------------------------ reports
 
-    def memory(self):
-        """Bytes this rank allocated for parameters and gradients (from the arrays)."""
-        return {"params": int(self.flat.data.nbytes), "grads": int(self.flat.grad.nbytes)}
+    def take_tp_bytes(self):
+        """Bytes the tp Allreduces summed since the last call; restarts the count."""
+        n, self.tp_bytes = self.tp_bytes, 0
+        return n
 
     def tp_bytes_formula(self, rows):
         """Bytes the tp Allreduces sum for one micro-batch of ``rows`` through the

@@ -49,6 +49,24 @@ def train_batch(engine, optimizer, ops, data, rows, global_batch, lr, tracer=NUL
     return loss
 
 
+def memory_record(world, memory, opt, tp_measured, tp_formula, steps):
+    """Per-rank bytes (world rank order): parameters, gradients, optimizer state and
+    activations allocated (``engine.memory()`` and the optimizer's arrays), and under
+    tensor parallelism the bytes the tp Allreduces summed per training step, measured
+    and by ``tp_bytes_formula``. Collective over ``world``."""
+    optim = sum(int(a.nbytes) for a in opt.state().values())
+    mine = np.array([memory["params"], memory["grads"], optim, memory["activations"],
+                     tp_measured / max(1, steps), tp_formula / max(1, steps)], np.float64)
+    every = np.empty((world.Get_size(), mine.size), np.float64)
+    world.Allgather(mine, every)
+    record = {"rank_bytes": {k: [int(v) for v in every[:, j]] for j, k in
+                             enumerate(("params", "grads", "optimizer", "activations"))}}
+    if every[:, 5].any():
+        record["tp_allreduce_bytes_per_step"] = [round(float(v)) for v in every[:, 4]]
+        record["tp_allreduce_bytes_per_step_formula"] = [round(float(v)) for v in every[:, 5]]
+    return record
+
+
 def sum_over(comm, values):
     """Element-wise float64 sum of ``values`` over every rank of ``comm``."""
     from mpi4py import MPI
@@ -103,9 +121,15 @@ def train(run, log=print):
         skip = first_batch if epoch == first_epoch else 0  # batches a resumed epoch already did
         loss_sum = carried_loss if epoch == first_epoch else 0.0
         batches = _progress(bounds[skip:], show_bar, f"epoch {epoch}/{config.epochs}")
+        tp_formula, steps_run = 0, 0  # bytes the tp Allreduces should sum, by the formula
+        take_tp = getattr(model, "take_tp_bytes", lambda: 0)
+        take_tp()
         for batch, (start, stop) in enumerate(batches, skip + 1):
             lo, hi = share_bounds(stop - start, grid.dp_rank, grid.dp)
             rows = order[start + lo:start + hi]
+            if hasattr(model, "tp_bytes_formula"):
+                tp_formula += model.tp_bytes_formula(len(rows))
+            steps_run += 1
             loss = train_batch(engine, opt, ops, data, rows, stop - start, lr_at(step), tracer,
                                step)
             loss_sum += loss
@@ -120,6 +144,7 @@ def train(run, log=print):
                     ckpt.save(model, opt, step, epoch, batch, loss_sum)
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
+        tp_measured = take_tp()  # before the evaluation's forward passes add theirs
         trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
         with tracer.span("evaluate"):
             test_loss, correct = engine.evaluate(x_test, y_test)
@@ -136,6 +161,8 @@ def train(run, log=print):
             "ranks": world.Get_size(),
         }
         record.update(engine.epoch_metrics())  # collective (a pipeline's stage times)
+        record.update(memory_record(world, engine.memory(), opt, tp_measured, tp_formula,
+                                    steps_run))  # collective
         history.append(record)
         if rank == 0:
             _report(record, out, log)
