@@ -108,7 +108,7 @@ def test_ratio_pairs():
 def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
-                   "--backends", "numpy,numba", "--no-dp", "--json", str(out)])
+                   "--backends", "numpy,numba", "--no-dp", "--no-wide", "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
     assert data["samples_per_s"]["8"]["numba"] > 0
@@ -134,7 +134,7 @@ def test_targets_are_said_in_words():
 
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
-        main(["--backends", "numpy,fortran", "--no-dp"])
+        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide"])
 
 
 def test_dp_measurement_under_mpirun():
@@ -180,3 +180,22 @@ def test_pipeline_bench_refuses_unknown_schedules():
         pipeline.parse_args(["--schedules", "1f1b,zigzag"])
     with pytest.raises(SystemExit):
         pipeline.parse_args(["--schedules", "interleaved-1f1b:x"])
+
+
+def test_wide_model_modes_end_to_end(capsys):
+    """python -m mpnn.bench.modes on a small model: the four modes, memory that
+    halves where it should, and the bytes each mode sends."""
+    from mpnn.bench import modes
+
+    if dp_worker.find_mpirun() is None:
+        pytest.skip("mpirun not found")
+    result = modes.measure("64,64,64", batch=32, epochs=2, rounds=1)
+    modes.report(result, "64,64,64", 32)
+    text = capsys.readouterr().out
+    assert all(m in text for m in modes.MODES)
+    serial, tp, dp, pp = (result[m] for m in modes.MODES)
+    assert tp["rank_bytes"]["params"][0] < serial["rank_bytes"]["params"][0]
+    assert dp["rank_bytes"]["params"] == serial["rank_bytes"]["params"] * 2  # replicas
+    assert tp["sent_per_step"] == tp["tp_formula"]  # measured = the formula
+    assert dp["sent_per_step"] == dp["rank_bytes"]["grads"]
+    assert pp["sent_per_step"] == [32 * 64 * 4] * 2

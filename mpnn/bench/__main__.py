@@ -20,6 +20,9 @@ float32) on ``mpnn.train``'s synthetic dataset and prints, measured in one run:
 * data-parallel efficiency at ``mpirun -n 2`` with 256 rows per rank
   (``python -m mpnn.bench.dp_worker``, launched here), and how much of the
   gradient Allreduce the overlapped bucketed sum hides behind backward;
+* the wide-model case (``mpnn.bench.modes``): hidden 2048 x 3 at batch 256
+  trained serially and with ``--tp 2``, ``--dp 2``, ``--pp 2`` at two ranks,
+  with each rank's memory and bytes sent per step;
 * the targets mpnn aims for, met or missed.
 
 FLOPs of a step: the nominal count is 6·B·Σ I·O (forward, input gradient,
@@ -82,6 +85,8 @@ def parse_args(argv=None):
     a("--no-dp", action="store_true", help="skip the mpirun -n 2 measurement")
     a("--dp-ranks", type=_positive_int, default=2, help="ranks of the DP measurement")
     a("--dp-batch", type=_positive_int, default=256, help="rows per rank in the DP measurement")
+    a("--no-wide", action="store_true",
+      help="skip the wide-model case (serial, --tp 2, --dp 2, --pp 2; python -m mpnn.bench.modes)")
     a("--json", metavar="PATH", help="also write the figures as JSON")
     return p.parse_args(argv)
 
@@ -144,6 +149,13 @@ def main(argv=None):
             dp["main_table_single_samples_s"] = table_single
         out.data_parallel(dp, table_single)
     report["data_parallel"] = dp
+
+    if not args.no_wide:  # one model trained serially and split three ways at two ranks
+        from . import modes
+
+        report["wide_model"] = modes.measure()
+        print()
+        modes.report(report["wide_model"], "2048,2048,2048", 256)
 
     report["targets"] = out.judge_targets(report)
     out.targets_section(report["targets"])
