@@ -357,6 +357,11 @@ def test_scipy_gemm_used_when_scipy_loads_after_the_thread_limit():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "['float32', 'float64']"
+    # and when something (scikit-learn loading the digits) imported SciPy after the limit
+    code = code.replace("from mpnn.kernels", "import scipy.linalg\nfrom mpnn.kernels")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "['float32', 'float64']"
 
 
 # ------------------------------------------------------------ the interface

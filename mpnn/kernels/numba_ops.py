@@ -344,7 +344,8 @@ def _beta1_gemms():
     159k samples/s). So SciPy's gemm is used only when it *is* NumPy's BLAS or
     BLAS runs on one thread; otherwise ``weight_grad`` stays on NumPy's BLAS
     with a scratch buffer and one add. Without SciPy or threadpoolctl: the same.
-    Loading SciPy's BLAS here also gives it NumPy's thread limit.
+    SciPy's BLAS gets NumPy's thread limit here, whether this loads it or an
+    earlier import did after the limit was set.
     """
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
@@ -361,8 +362,10 @@ def _beta1_gemms():
     except ImportError:
         return {}
     after = blas_threads()
-    if before and set(after) != set(before):  # SciPy just loaded its own: NumPy's limit
-        threadpool_limits(limits=min(before.values()), user_api="blas")
+    if before and len(set(after.values())) > 1:
+        # SciPy's own BLAS, loaded just now or by an earlier import (scikit-learn's,
+        # for the digits) after the run limited NumPy's: give every BLAS the limit
+        threadpool_limits(limits=min(after.values()), user_api="blas")
         after = blas_threads()
     if len(after) > 1 and max(after.values()) > 1:
         return {}
