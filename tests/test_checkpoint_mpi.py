@@ -79,7 +79,8 @@ def test_pipeline_checkpoint_gathers_the_serial_state():
         run(argv + ["--checkpoint-dir", f"{d}/serial"], None)
         pipe = ck.read_checkpoint(ck.checkpoint_path(f"{d}/pipe", 7))
         ser = ck.read_checkpoint(ck.checkpoint_path(f"{d}/serial", 7))
-        assert pipe.meta["grid"] == {"dp": 1, "pp": 2} and ser.meta["grid"] == {"dp": 1, "pp": 1}
+        assert pipe.meta["grid"] == {"dp": 1, "pp": 2, "tp": 1}
+        assert ser.meta["grid"] == {"dp": 1, "pp": 1, "tp": 1}
         for key in ("step", "epoch", "batch", "optimizer_t", "config"):
             assert pipe.meta[key] == ser.meta[key], key
         assert pipe.meta["epoch_loss_sum"] == pytest.approx(ser.meta["epoch_loss_sum"], rel=1e-12)

@@ -114,6 +114,12 @@ def train(run, log=print):
     if out.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
         keep_metrics(out.metrics, first_epoch - 1)
     history = []
+    if getattr(model, "tp", 1) > 1:  # the memory ledger at start-up (activations: metrics)
+        start = memory_record(world, engine.memory(), opt, 0, 0, 1)["rank_bytes"]
+        if rank == 0 and not out.quiet:
+            log("memory per rank, MB (world rank order): " + "; ".join(
+                f"{k} {'/'.join(f'{v / 1e6:.3g}' for v in start[k])}"
+                for k in ("params", "grads", "optimizer")))
     tracer.start(world)
     for epoch in range(first_epoch, config.epochs + 1):
         order = epoch_permutation(n, config.seed, epoch)
