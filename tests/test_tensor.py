@@ -100,3 +100,12 @@ def test_whole_stage_and_local_of_round_trip_on_one_rank():
     assert np.array_equal(whole, MLP((6, 5, 4, 3), "relu", np.float64, 1).flat.data)
     assert np.array_equal(model.local_of(whole), model.flat.data)
     assert model.state_dict().keys() == MLP((6, 5, 4, 3)).state_dict().keys()
+
+
+def test_timeline_labels_name_the_grid_position():
+    from mpnn.runtime.loop import rank_label
+
+    assert rank_label(5, 2) == "rank 5 (dp 2, stage 1)"  # dp x pp, as before
+    # -n 8 --dp 2 --pp 2 --tp 2: world rank 5 sits at (1, 0, 1)
+    assert rank_label(5, 2, 2) == "rank 5 (dp 1, stage 0, tp 1)"
+    assert rank_label(1, 1, 2) == "rank 1 (dp 0, stage 0, tp 1)"

@@ -119,7 +119,13 @@ def _main_tensor(args):
             print(f"gradcheck: --tp {args.tp} needs mpirun -n {args.tp} with --tp at most "
                   f"{narrowest}, but {why}", file=sys.stderr)
         return 2
-    ops = get_ops(args.backend)
+    try:
+        ops = get_ops(args.backend)
+    except (ImportError, RuntimeError) as e:  # a missing package, or no usable GPU
+        if world.Get_rank() == 0:
+            print(f"gradcheck: backend {args.backend!r} is not available here: {e}. "
+                  f"Choose another with --backend (numpy is always there).", file=sys.stderr)
+        return 2
     results = check_tensor_parallel(ops, world, args.seed, args.eps)
     status = 0
     if world.Get_rank() == 0:

@@ -49,6 +49,12 @@ def train_batch(engine, optimizer, ops, data, rows, global_batch, lr, tracer=NUL
     return loss
 
 
+def rank_label(r, pp, tp=1):
+    """World rank r's place in a dp x pp x tp grid (``parallel.grid``), for the timeline."""
+    where = f"dp {r // (pp * tp)}, stage {(r // tp) % pp}"
+    return f"rank {r} ({where}" + (f", tp {r % tp})" if tp > 1 else ")")
+
+
 def memory_record(world, memory, opt, tp_measured, tp_formula, steps):
     """Per-rank bytes (world rank order): parameters, gradients, optimizer state and
     activations allocated (``engine.memory()`` and the optimizer's arrays), and under
@@ -211,9 +217,7 @@ def _finish(run, history, log):
         if not out.quiet:
             log(f"saved weights to {out.save}")
     if tracer.enabled:  # collective: every rank's spans to rank 0
-        pp = grid.pp
-        tracer.write(out.trace, grid.world,
-                     label=lambda r: f"rank {r} (dp {r // pp}, stage {r % pp})")
+        tracer.write(out.trace, grid.world, label=lambda r: rank_label(r, grid.pp, grid.tp))
         if rank == 0 and not out.quiet:
             log(f"wrote timeline {out.trace} (open in https://ui.perfetto.dev)")
     if out.plot and rank == 0:
