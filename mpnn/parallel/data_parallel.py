@@ -37,8 +37,12 @@ def tensor_line(model):
     roles = ", ".join(f"{i} {model.roles[i]}" for i in model.layers)
     mb = model.flat.data.nbytes / 1e6
     whole = model.whole_layout.numel * model.dtype.itemsize / 1e6
-    return (f"tensor parallel tp {model.tp}: layers {roles}; this rank holds {mb:.3g} MB of "
+    line = (f"tensor parallel tp {model.tp}: layers {roles}; this rank holds {mb:.3g} MB of "
             f"parameters of its layers' {whole:.3g} MB")
+    if all(model.roles[i] == "replicated" for i in model.layers):
+        line += (" (nothing split here: a lone layer stays whole; give each stage two or more "
+                 "layers with --partition to pair them)")
+    return line
 
 
 class GradientSync:
