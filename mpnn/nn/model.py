@@ -65,6 +65,11 @@ class Context:
         self.pending = []  # (layer, input, dL/dz) a split backward left for backward_weight
         self.rows = 0
 
+    def nbytes(self):
+        """Bytes of the buffers this context holds (every layer's output and input
+        gradient; its inputs are the caller's)."""
+        return int(sum(a.nbytes for store in (self.outputs, self.grads) for a in store.values()))
+
     def buffer(self, store, i, shape, ops, dtype):
         buf = store.get(i)
         if buf is None or buf.shape != shape:
@@ -112,6 +117,37 @@ class MLP:
 
     # The hooks a model that holds only part of each tensor (tensor parallelism,
     # ``parallel.tensor``) overrides; here a rank holds its layers whole.
+
+    tp = 1  # ranks sharing each layer
+    reports = True  # this rank reports the loss (one per forward pass)
+
+    def describe(self):
+        """A start-up line on how this rank holds its layers, or None (whole)."""
+        return None
+
+    def take_tp_bytes(self):
+        """Bytes summed over tensor-parallel ranks since the last call (none here)."""
+        return 0
+
+    def tp_bytes_formula(self, rows):
+        """Bytes the tensor-parallel sums of one batch of ``rows`` should be (none)."""
+        return 0
+
+    def _width(self, i, side):
+        """This rank's input (side 0) or output (side 1) features of layer i."""
+        return self.layout.slots[f"layers.{i}.weight"].shape[side]
+
+    def _layer_forward(self, i, h, out):
+        """out = layer i's output (B, O_i) from its input h."""
+        return self.ops.linear_act(h, self.W(i), self.b(i), self.act(i), out)
+
+    def _output_grad(self, i, dh):
+        """dL/d(layer i's output) as layer i's backward takes it."""
+        return dh
+
+    def _input_grad(self, i, dx):
+        """dL/d(layer i's input) from this rank's part of it."""
+        return dx
 
     def _local_layout(self):
         """The layout of this rank's flat buffers."""
@@ -165,8 +201,9 @@ class MLP:
         ctx.inputs, ctx.rows = x, x.shape[0]
         h = x
         for i in self.chunks[chunk]:
-            out = ctx.buffer(ctx.outputs, i, (x.shape[0], self.sizes[i + 1]), self.ops, self.dtype)
-            h = self.ops.linear_act(h, self.W(i), self.b(i), self.act(i), out)  # (B, O_i)
+            out = ctx.buffer(ctx.outputs, i, (x.shape[0], self._width(i, 1)), self.ops,
+                             self.dtype)
+            h = self._layer_forward(i, h, out)  # (B, O_i)
         return h
 
     def backward(self, dout, ctx, need_input_grad=False, on_layer_done=None, chunk=0,
@@ -188,15 +225,16 @@ class MLP:
         ctx.pending = []
         for i in reversed(layers):
             h_in = ctx.inputs if i == layers.start else ctx.outputs[i - 1]
-            dz = self.ops.act_bias_backward(dh, ctx.outputs[i], self.act(i),
-                                            grads[f"layers.{i}.bias"])  # (B, O_i)
+            dz = self.ops.act_bias_backward(self._output_grad(i, dh), ctx.outputs[i],
+                                            self.act(i), grads[f"layers.{i}.bias"])  # (B, O_i)
             if weights:
                 self.ops.weight_grad(h_in, dz, grads[f"layers.{i}.weight"])  # (I_i, O_i)
             else:
                 ctx.pending.append((i, h_in, dz))  # for backward_weight
             if i > layers.start or need_input_grad:
-                out = ctx.buffer(ctx.grads, i, (ctx.rows, self.sizes[i]), self.ops, self.dtype)
-                dh = self.ops.input_grad(dz, self.W(i), out)  # (B, I_i)
+                out = ctx.buffer(ctx.grads, i, (ctx.rows, self._width(i, 0)), self.ops,
+                                 self.dtype)
+                dh = self._input_grad(i, self.ops.input_grad(dz, self.W(i), out))  # (B, I_i)
             if on_layer_done is not None:
                 on_layer_done(i)
         return dh if need_input_grad else None

@@ -26,25 +26,6 @@ from ..runtime.trace import NULL_TRACER
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 
-def context_bytes(ctx):
-    """Bytes of the activation buffers a model Context holds (outputs and input
-    gradients of every layer; its inputs are the caller's)."""
-    return int(sum(a.nbytes for store in (ctx.outputs, ctx.grads) for a in store.values()))
-
-
-def tensor_line(model):
-    """The start-up line of a tensor-parallel model: the shards and their roles."""
-    roles = ", ".join(f"{i} {model.roles[i]}" for i in model.layers)
-    mb = model.flat.data.nbytes / 1e6
-    whole = model.whole_layout.numel * model.dtype.itemsize / 1e6
-    line = (f"tensor parallel tp {model.tp}: layers {roles}; this rank holds {mb:.3g} MB of "
-            f"parameters of its layers' {whole:.3g} MB")
-    if all(model.roles[i] == "replicated" for i in model.layers):
-        line += (" (nothing split here: a lone layer stays whole; give each stage two or more "
-                 "layers with --partition to pair them)")
-    return line
-
-
 class GradientSync:
     """Sums a flat gradient buffer over ``comm`` (one rank: a no-op)."""
 
@@ -231,7 +212,7 @@ class DataParallelEngine:
         self.ctx = Context()
         self.dlogits = None
         # under tensor parallelism every shard computes the same loss: one reports it
-        self.reports = getattr(model, "reports", True)
+        self.reports = model.reports
 
     def train_step(self, x, labels, scale):
         """Forward, loss (scaled by 1/global_batch), backward, gradient sum.
@@ -278,9 +259,8 @@ class DataParallelEngine:
         last step kept (every buffer of its context, the loss gradient's too)."""
         return {"params": int(self.model.flat.data.nbytes),
                 "grads": int(self.model.flat.grad.nbytes),
-                "activations": context_bytes(self.ctx) + (
+                "activations": self.ctx.nbytes() + (
                     int(self.dlogits.nbytes) if self.dlogits is not None else 0)}
 
     def describe(self):
-        tp = getattr(self.model, "tp", 1)
-        return None if tp == 1 else tensor_line(self.model)
+        return self.model.describe()

@@ -65,7 +65,7 @@ from ..data.batching import share_bounds
 from ..nn.model import Context
 from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
-from .data_parallel import GradientSync, context_bytes, tensor_line
+from .data_parallel import GradientSync
 from .gather import gather_whole
 from .partition import format_partition
 from .pipeline_eval import evaluate
@@ -124,7 +124,7 @@ class PipelineEngine:
         self._split = {(a.mb, a.chunk) for a in self.actions if a.kind is Kind.WEIGHT}
         self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
         # under tensor parallelism every shard computes the same loss: one reports it
-        self.reports = getattr(model, "reports", True)
+        self.reports = model.reports
         self.dispatch = {Kind.FORWARD: self._forward, Kind.BACKWARD: self._backward,
                          Kind.WEIGHT: self._weight,
                          Kind.SEND_ACT: self._send_act, Kind.RECV_ACT: self._receive,
@@ -401,7 +401,7 @@ class PipelineEngine:
     def memory(self):
         """Bytes this rank allocated: parameters, gradients, and the activations of
         every pooled micro-batch context and receive buffer."""
-        acts = sum(context_bytes(mb.ctx) + sum(h.nbytes for h in mb.host.values())
+        acts = sum(mb.ctx.nbytes() + sum(h.nbytes for h in mb.host.values())
                    for mb in self._free)
         acts += sum(b.nbytes for pool in (self._inbox, self._inbox_host) for kind in pool.values()
                     for b in kind.values())
@@ -416,8 +416,9 @@ class PipelineEngine:
             line += f", {self.v} virtual stages per rank"
         if self.stages is not None:
             line += f", layers per stage {format_partition(self.stages)}"
-        if getattr(self.model, "tp", 1) > 1:
-            line += f"; {tensor_line(self.model)} (this stage)"
+        held = self.model.describe()
+        if held is not None:
+            line += f"; {held} (this stage)"
         return line
 
     # -------------------------------------------------------------- metrics

@@ -130,11 +130,12 @@ def shard_slices(sizes, roles, rank, tp):
 class TensorParallelMLP(MLP):
     """This rank's shards of a stage's (or the whole model's) linear layers.
 
-    The same interface as ``MLP`` (``forward``, ``backward`` with split and
+    The MLP itself (``forward``, ``backward`` with split and
     ``on_layer_done``, ``backward_weight``, ``flat`` over its shards,
     ``layout``, ``chunk_features`` of the whole activations it takes and
-    gives), so the data-parallel and pipeline engines run it unchanged; the
-    tp Allreduces happen inside. Starts from exactly the serial weights: each
+    gives), with its per-layer hooks overridden: the layer's own forward and
+    the f and g around it. So the data-parallel and pipeline engines run it
+    unchanged; the tp Allreduces happen inside. Starts from exactly the serial weights: each
     layer is drawn whole from its seed stream and this rank keeps its part.
 
     tp_comm   the stage's tensor-parallel ranks (``grid.tp_comm``)
@@ -244,58 +245,24 @@ class TensorParallelMLP(MLP):
         """g, backward: dL/dy_t = dL/dy, the identity (∂y/∂y_t = 1)."""
         return dy
 
-    # ------------------------------------------------------------- compute
+    # ----------------------------------------------- the MLP's per-layer hooks
 
-    def _width(self, i, side):
-        """This rank's input (side 0) or output (side 1) features of layer i."""
-        return self.layout.slots[f"layers.{i}.weight"].shape[side]
+    def _layer_forward(self, i, h, out):
+        """A row-parallel layer: y_t = h_t·W_t (B, O), g (the sum), then bias and
+        activation; a column-parallel one (after f, the identity) or a replicated
+        one: the MLP's fused layer on the whole input."""
+        if self.roles[i] == ROW:
+            self.ops.xp.matmul(h, self.W(i), out=out)
+            return self.ops.bias_act(self.g_forward(out), self.b(i), self.act(i))
+        return self.ops.linear_act(self.f_forward(h), self.W(i), self.b(i), self.act(i), out)
 
-    def forward(self, x, ctx=None, chunk=0):
-        """x (B, sizes[start]) whole -> h_stop (B, sizes[stop]) whole, through this
-        rank's shards of chunk ``chunk``; keeps activations in ctx."""
-        from ..nn.model import Context
+    def _output_grad(self, i, dh):
+        """Into a row-parallel layer's backward through g's (the identity)."""
+        return self.g_backward(dh) if self.roles[i] == ROW else dh
 
-        ctx = ctx if ctx is not None else Context()
-        ctx.inputs, ctx.rows = x, x.shape[0]
-        h = x
-        for i in self.chunks[chunk]:
-            out = ctx.buffer(ctx.outputs, i, (x.shape[0], self._width(i, 1)), self.ops,
-                             self.dtype)  # (B, O_t) or (B, O)
-            if self.roles[i] == ROW:
-                self.ops.xp.matmul(h, self.W(i), out=out)  # y_t = h_t·W_t (B, O)
-                self.ops.bias_act(self.g_forward(out), self.b(i), self.act(i))
-            else:  # column (after f, the identity) or replicated: the whole input
-                self.ops.linear_act(self.f_forward(h), self.W(i), self.b(i), self.act(i), out)
-            h = out
-        return h
-
-    def backward(self, dout, ctx, need_input_grad=False, on_layer_done=None, chunk=0,
-                 weights=True):
-        """``MLP.backward`` over this rank's shards: dout (B, sizes[stop]) whole;
-        returns dL/dh_start (B, sizes[start]) whole when ``need_input_grad``."""
-        grads = self.flat.grads
-        layers = self.chunks[chunk]
-        dh = dout
-        ctx.pending = []
-        for i in reversed(layers):
-            h_in = ctx.inputs if i == layers.start else ctx.outputs[i - 1]
-            if self.roles[i] == ROW:
-                dh = self.g_backward(dh)
-            dz = self.ops.act_bias_backward(dh, ctx.outputs[i], self.act(i),
-                                            grads[f"layers.{i}.bias"])  # (B, O_t) or (B, O)
-            if weights:
-                self.ops.weight_grad(h_in, dz, grads[f"layers.{i}.weight"])
-            else:
-                ctx.pending.append((i, h_in, dz))  # for backward_weight
-            if i > layers.start or need_input_grad:
-                out = ctx.buffer(ctx.grads, i, (ctx.rows, self._width(i, 0)), self.ops,
-                                 self.dtype)
-                dh = self.ops.input_grad(dz, self.W(i), out)  # (B, I_t) or (B, I)
-                if self.roles[i] == COLUMN:
-                    dh = self.f_backward(dh)
-            if on_layer_done is not None:
-                on_layer_done(i)
-        return dh if need_input_grad else None
+    def _input_grad(self, i, dx):
+        """Out of a column-parallel layer's backward through f's (the sum)."""
+        return self.f_backward(dx) if self.roles[i] == COLUMN else dx
 
     # ------------------------------------------------------------ weights
 
@@ -318,6 +285,18 @@ class TensorParallelMLP(MLP):
         self.flat.data[...] = self.ops.to_device(self.local_of(whole.data))
 
     # ------------------------------------------------------------ reports
+
+    def describe(self):
+        """The start-up line: each layer's role and this rank's parameter bytes."""
+        roles = ", ".join(f"{i} {self.roles[i]}" for i in self.layers)
+        mb = self.flat.data.nbytes / 1e6
+        whole = self.whole_layout.numel * self.dtype.itemsize / 1e6
+        line = (f"tensor parallel tp {self.tp}: layers {roles}; this rank holds {mb:.3g} MB "
+                f"of parameters of its layers' {whole:.3g} MB")
+        if all(self.roles[i] == REPLICATED for i in self.layers):
+            line += (" (nothing split here: a lone layer stays whole; give each stage two or "
+                     "more layers with --partition to pair them)")
+        return line
 
     def take_tp_bytes(self):
         """Bytes the tp Allreduces summed since the last call; restarts the count."""

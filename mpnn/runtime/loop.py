@@ -120,7 +120,7 @@ def train(run, log=print):
     if out.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
         keep_metrics(out.metrics, first_epoch - 1)
     history = []
-    if getattr(model, "tp", 1) > 1:  # the memory ledger at start-up (activations: metrics)
+    if model.tp > 1:  # the memory ledger at start-up (activations: metrics)
         start = memory_record(world, engine.memory(), opt, 0, 0, 1)["rank_bytes"]
         if rank == 0 and not out.quiet:
             log("memory per rank, MB (world rank order): " + "; ".join(
@@ -134,13 +134,11 @@ def train(run, log=print):
         loss_sum = carried_loss if epoch == first_epoch else 0.0
         batches = _progress(bounds[skip:], show_bar, f"epoch {epoch}/{config.epochs}")
         tp_formula, steps_run = 0, 0  # bytes the tp Allreduces should sum, by the formula
-        take_tp = getattr(model, "take_tp_bytes", lambda: 0)
-        take_tp()
+        model.take_tp_bytes()
         for batch, (start, stop) in enumerate(batches, skip + 1):
             lo, hi = share_bounds(stop - start, grid.dp_rank, grid.dp)
             rows = order[start + lo:start + hi]
-            if hasattr(model, "tp_bytes_formula"):
-                tp_formula += model.tp_bytes_formula(len(rows))
+            tp_formula += model.tp_bytes_formula(len(rows))
             steps_run += 1
             loss = train_batch(engine, opt, ops, data, rows, stop - start, lr_at(step), tracer,
                                step)
@@ -156,7 +154,7 @@ def train(run, log=print):
                     ckpt.save(model, opt, step, epoch, batch, loss_sum)
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
-        tp_measured = take_tp()  # before the evaluation's forward passes add theirs
+        tp_measured = model.take_tp_bytes()  # before the evaluation's forward passes add theirs
         trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
         with tracer.span("evaluate"):
             test_loss, correct = engine.evaluate(x_test, y_test)
