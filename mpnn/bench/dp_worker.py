@@ -169,6 +169,21 @@ def find_mpirun():
                 shutil.which("mpirun") or shutil.which("mpiexec"))
 
 
+def train_records(argv, metrics, ranks=1, mpirun=None, who="mpnn.bench"):
+    """Run ``python -m mpnn.train argv --metrics metrics`` (under ``mpirun -n ranks``
+    when ranks > 1), one thread per rank; its per-epoch records. A failed run ends
+    the benchmark (SystemExit) with the command and its last output."""
+    cmd = [sys.executable, "-m", "mpnn.train", *argv, "--metrics", str(metrics)]
+    if ranks > 1:
+        cmd = [mpirun, "-n", str(ranks), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"{who}: {' '.join(cmd)} failed ({proc.returncode}):\n"
+                         f"{(proc.stderr or proc.stdout)[-2000:]}")
+    return [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+
+
 def launch(ranks=2, threads=1, repeats=9, block_s=0.15, bucket_mb=0.1, batch=256,
            rows=TRAIN_ROWS, timeout_s=600):
     """Run this worker under ``mpirun -n ranks``; its ``figures``, or why not (a string)."""

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from .dp_worker import find_mpirun
+from .dp_worker import find_mpirun, train_records
 
 MODES = {"serial": (1, []), "--tp 2": (2, ["--tp", "2"]), "--dp 2": (2, ["--dp", "2"]),
          "--pp 2": (2, ["--pp", "2", "--micro-batches", "4"])}
@@ -50,18 +48,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _run(argv, ranks, metrics, mpirun):
-    cmd = [sys.executable, "-m", "mpnn.train", *argv, "--metrics", str(metrics)]
-    if ranks > 1:
-        cmd = [mpirun, "-n", str(ranks), *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if proc.returncode != 0:
-        raise SystemExit(f"mpnn.bench.modes: {' '.join(cmd)} failed ({proc.returncode}):\n"
-                         f"{(proc.stderr or proc.stdout)[-2000:]}")
-    return [json.loads(line) for line in Path(metrics).read_text().splitlines()]
-
-
 def sent_per_step(mode, record, hidden, batch):
     """Bytes each rank hands to MPI per step (see the module docstring), per rank."""
     ranks = len(record["rank_bytes"]["params"])
@@ -70,12 +56,11 @@ def sent_per_step(mode, record, hidden, batch):
     if mode == "--dp 2":
         return record["rank_bytes"]["grads"]
     if mode == "--pp 2":
-        cut = _pp_cut_width(record, hidden)
-        return [batch * cut * 4] * ranks
+        return [batch * _pp_cut_width(hidden) * 4] * ranks
     return [0] * ranks
 
 
-def _pp_cut_width(record, hidden):
+def _pp_cut_width(hidden):
     """The width of the activations between the two stages (the layers are split in
     FLOP balance: the cut's width is a hidden width; with equal widths any is it)."""
     return hidden[len(hidden) // 2] if len(set(hidden)) > 1 else hidden[0]
@@ -94,7 +79,8 @@ def measure(hidden="2048,2048,2048", batch=256, epochs=3, rounds=3):
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for mode, (ranks, opts) in MODES.items():
-                records = _run(common + opts, ranks, Path(tmp) / f"m{r}.jsonl", mpirun)
+                records = train_records(common + opts, Path(tmp) / f"m{r}.jsonl", ranks, mpirun,
+                                        "mpnn.bench.modes")
                 timed = records[1:] or records
                 out[mode]["samples_per_s"].append(
                     statistics.median(rec["samples_per_s"] for rec in timed))

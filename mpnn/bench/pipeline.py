@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from ..parallel.pipeline_orders import SCHEDULES
 from ..schedule_costs import predict_run
-from .dp_worker import find_mpirun
+from .dp_worker import find_mpirun, train_records
 
 DEFAULT_SCHEDULES = "1f1b,zb-h1,zb-h2,interleaved-1f1b:2,gpipe"
 
@@ -74,17 +72,9 @@ def parse_args(argv=None):
     return args
 
 
-def _train(argv, metrics, ranks=1, mpirun=None):
+def _last(argv, metrics, ranks=1, mpirun=None):
     """One mpnn.train run; the last record of its metrics."""
-    cmd = [sys.executable, "-m", "mpnn.train", *argv, "--metrics", str(metrics)]
-    if ranks > 1:
-        cmd = [mpirun, "-n", str(ranks), *cmd]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"mpnn.bench.pipeline: {' '.join(cmd)} failed ({proc.returncode}):\n"
-                         f"{(proc.stderr or proc.stdout)[-2000:]}")
-    return json.loads(Path(metrics).read_text().splitlines()[-1])
+    return train_records(argv, metrics, ranks, mpirun, "mpnn.bench.pipeline")[-1]
 
 
 def _spread(values, fmt):
@@ -106,14 +96,14 @@ def main(argv=None):
     serial, runs = [], {f"{n}:{v}": [] for n, v in args.runs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            serial.append(_train(common, Path(tmp) / f"serial{r}.jsonl")["samples_per_s"])
+            serial.append(_last(common, Path(tmp) / f"serial{r}.jsonl")["samples_per_s"])
             for name, v in args.runs:
                 path = Path(tmp) / f"{name}-{v}-{r}.jsonl"
                 extra = ["--pp", "2", "--micro-batches", str(args.micro_batches),
                          "--schedule", name] + (["--virtual-stages", str(v)] if v > 1 else [])
                 if args.partition:
                     extra += ["--partition", args.partition]
-                record = _train(common + extra, path, ranks=2, mpirun=mpirun)
+                record = _last(common + extra, path, ranks=2, mpirun=mpirun)
                 pred = predict_run(path)
                 runs[f"{name}:{v}"].append({
                     "ratio": record["samples_per_s"] / serial[-1],
