@@ -156,13 +156,13 @@ class TensorParallelMLP(MLP):
         self.roles = tensor_roles(self.chunks)
         check_tensor_widths([self.sizes[i + 1] for i, r in self.roles.items() if r == COLUMN],
                             self.tp)
+        self.part = shard_slices(self.sizes, self.roles, self.tp_rank, self.tp)  # name -> index
         return Layout(self.sizes, list(self.chunks),
                       shard_shapes(self.sizes, self.roles, self.tp_rank, self.tp))
 
     def _local_tensors(self, i, W, b):
-        part = shard_slices(self.sizes, self.roles, self.tp_rank, self.tp)
-        return (np.ascontiguousarray(W[part[f"layers.{i}.weight"]]),
-                np.ascontiguousarray(b[part[f"layers.{i}.bias"]]))
+        return (np.ascontiguousarray(W[self.part[f"layers.{i}.weight"]]),
+                np.ascontiguousarray(b[self.part[f"layers.{i}.bias"]]))
 
     def whole_stage(self, arrays):
         """Every tp rank's flat host arrays (``layout``) -> the stage's whole ones
@@ -203,9 +203,8 @@ class TensorParallelMLP(MLP):
         """The stage's whole flat host array -> this rank's shards (``layout``)."""
         out = np.empty(self.layout.numel, whole.dtype)
         views, mine = self.whole_layout.views(whole), self.layout.views(out)
-        part = shard_slices(self.sizes, self.roles, self.tp_rank, self.tp)
         for name, view in mine.items():
-            view[...] = views[name][part[name]]
+            view[...] = views[name][self.part[name]]
         return out
 
     # -------------------------------------------------------- the operators
