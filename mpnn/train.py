@@ -146,6 +146,10 @@ def build_parser():
                         "layers keeps its last one (the output layer, in a 1-stage run) whole "
                         "on every rank; widths --tp does not divide are split unevenly, and "
                         "every hidden layer needs at least --tp features")
+    g.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3), metavar="{0,1,2,3}",
+                   help="ZeRO stage of data parallelism (default 0: every replica holds "
+                        "everything): 1 shards the optimizer state over the replicas, 2 the "
+                        "gradients too, 3 the parameters too (gathered layer by layer)")
     g.add_argument("--micro-batches", type=int, default=1,
                    help="micro-batches per global batch and replica in the pipeline (default 1)")
     g.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES),
@@ -181,7 +185,8 @@ def config_from_args(ns):
         optim=OptimConfig(ns.optimizer, ns.lr, ns.lr_schedule, ns.momentum, ns.nesterov,
                           ns.weight_decay),
         parallel=ParallelConfig(ns.dp, ns.pp, ns.tp, ns.micro_batches, ns.schedule,
-                                ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads),
+                                ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads,
+                                ns.zero),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),

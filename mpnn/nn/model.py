@@ -120,6 +120,9 @@ class MLP:
 
     tp = 1  # ranks sharing each layer
     reports = True  # this rank reports the loss (one per forward pass)
+    # where a layer's parameters are fetched from before use (ZeRO-3's gathers,
+    # ``parallel.zero_comm.ParamGather``: ``forward(i)``, ``backward(i)``); None: held here
+    fetch = None
 
     def describe(self):
         """A start-up line on how this rank holds its layers, or None (whole)."""
@@ -201,6 +204,8 @@ class MLP:
         ctx.inputs, ctx.rows = x, x.shape[0]
         h = x
         for i in self.chunks[chunk]:
+            if self.fetch is not None:
+                self.fetch.forward(i)  # W_i, b_i gathered (and layer i+1's started)
             out = ctx.buffer(ctx.outputs, i, (x.shape[0], self._width(i, 1)), self.ops,
                              self.dtype)
             h = self._layer_forward(i, h, out)  # (B, O_i)
@@ -232,6 +237,8 @@ class MLP:
             else:
                 ctx.pending.append((i, h_in, dz))  # for backward_weight
             if i > layers.start or need_input_grad:
+                if self.fetch is not None:
+                    self.fetch.backward(i)  # W_i gathered again (and layer i-1's started)
                 out = ctx.buffer(ctx.grads, i, (ctx.rows, self._width(i, 0)), self.ops,
                                  self.dtype)
                 dh = self._input_grad(i, self.ops.input_grad(dz, self.W(i), out))  # (B, I_i)

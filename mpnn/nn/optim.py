@@ -17,7 +17,20 @@ import math
 OPTIMIZERS = ("sgd", "adam")
 
 
-class SGD:
+class _FlatOptimizer:
+    """What the checkpointer asks of an optimizer over a whole flat buffer (a
+    sharded one, ``parallel.zero.ZeroOptimizer``, answers the same)."""
+
+    def stage_arrays(self):
+        """"params" and every state array over the buffer's whole layout."""
+        return {"params": self.flat.data, **self.state()}
+
+    def load_state(self, name, local):
+        """Set state array ``name`` from a host array over the whole layout."""
+        self.state()[name][...] = self.ops.to_device(local)
+
+
+class SGD(_FlatOptimizer):
     """Plain SGD (momentum 0) or SGD with (optionally Nesterov) momentum."""
 
     def __init__(self, flat, ops, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
@@ -42,7 +55,7 @@ class SGD:
         return {} if self.velocity is None else {"velocity": self.velocity}
 
 
-class Adam:
+class Adam(_FlatOptimizer):
     """Adam with decoupled weight decay (AdamW, Loshchilov & Hutter)."""
 
     def __init__(self, flat, ops, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):

@@ -54,6 +54,11 @@ class GradientSync:
         self.comm.Allreduce(MPI.IN_PLACE, copy_to_host(self.grad, self._host), op=MPI.SUM)
         copy_from_host(self._host, self.grad)
 
+    @property
+    def host_nbytes(self):
+        """Bytes of the host copy a device buffer goes through (0 without one)."""
+        return int(self._host.nbytes) if self._host is not None else 0
+
     # The overlapped, bucketed variant hooks into backward through these two:
     def on_layer_done(self, layer):
         """Called by ``MLP.backward`` when ``layer``'s gradients are final."""
@@ -104,6 +109,11 @@ class BucketedGradientSync:
             self._device = not isinstance(grad, np.ndarray)
             if needs_host_staging(grad):
                 self._host = np.empty(grad.shape, dtype=grad.dtype)
+
+    @property
+    def host_nbytes(self):
+        """Bytes of the host copy a device buffer goes through (0 without one)."""
+        return int(self._host.nbytes) if self._host is not None else 0
 
     # ------------------------------------------------------------- interface
 
@@ -169,25 +179,26 @@ class Bucket:
         return f"Bucket([{self.start}, {self.stop}), layers={self.layers})"
 
 
-def make_buckets(layout, itemsize, bucket_mb):
+def make_buckets(layout, itemsize, bucket_mb, layers=None):
     """Cut ``layout``'s flat buffer into buckets of whole layers, last layer first.
 
     Walking the layers from the last, a bucket closes once it holds at least
-    ``bucket_mb`` MB (10⁶ bytes); the buckets tile the buffer exactly.
+    ``bucket_mb`` MB (10⁶ bytes); the buckets tile the buffer exactly (or the
+    span of ``layers``, a contiguous range of its layers: one model chunk).
     """
     limit = bucket_mb * 1e6
-    buckets, layers, start, stop = [], [], None, None
-    for i in reversed(layout.layers):
+    buckets, held, start, stop = [], [], None, None
+    for i in reversed(layout.layers if layers is None else layers):
         lo, hi = layout.layer_span(i)
-        if not layers:
+        if not held:
             stop = hi
-        layers.append(i)
+        held.append(i)
         start = lo
         if (stop - start) * itemsize >= limit:
-            buckets.append(Bucket(start, stop, layers))
-            layers = []
-    if layers:
-        buckets.append(Bucket(start, stop, layers))
+            buckets.append(Bucket(start, stop, held))
+            held = []
+    if held:
+        buckets.append(Bucket(start, stop, held))
     return buckets
 
 
@@ -200,11 +211,19 @@ class DataParallelEngine:
 
     needs_inputs = True  # the trainer passes every replica its rows' features
 
-    def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER):
+    def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER, zero=0):
         self.model, self.loss = model, loss
         self.ops = model.ops
         self.tracer = tracer  # spans for --trace (a no-op by default)
-        if bucket_mb > 0:  # overlapped with backward, bucket by bucket
+        self.zero = None  # ZeRO: the model states sharded over dp_comm (parallel.zero)
+        self._sync_span = "allreduce"
+        if zero:
+            from .zero import Zero
+
+            self.zero = Zero(zero, model, dp_comm, bucket_mb, tracer=tracer)
+            self.sync = self.zero.sync  # a reduce-scatter into this rank's gradient shard
+            self._sync_span = "reduce-scatter"
+        elif bucket_mb > 0:  # overlapped with backward, bucket by bucket
             self.sync = BucketedGradientSync(dp_comm, model.flat.grad, model.layout,
                                              bucket_mb, self.ops)
         else:
@@ -218,8 +237,9 @@ class DataParallelEngine:
         """Forward, loss (scaled by 1/global_batch), backward, gradient sum.
 
         x (b, I) and labels (b,) are this replica's rows; returns their loss sum."""
-        model, ops, tracer = self.model, self.ops, self.tracer
-        model.zero_grad()
+        model, ops, tracer, zero = self.model, self.ops, self.tracer, self.zero
+        if zero is None or zero.stage == 1:  # (stages 2, 3 zero each scratch bucket they bind)
+            model.zero_grad()
         loss_sum = 0.0
         if x.shape[0]:
             with tracer.span("forward", rows=int(x.shape[0])):
@@ -228,8 +248,14 @@ class DataParallelEngine:
                     self.dlogits = ops.xp.empty_like(logits)
                 loss_sum = ops.loss(self.loss, logits, labels, scale, self.dlogits)
             with tracer.span("backward"):
+                if zero is not None:
+                    self.sync.begin()  # stages 2, 3: the first bucket's scratch
                 model.backward(self.dlogits, self.ctx, on_layer_done=self.sync.on_layer_done)
-        with tracer.span("allreduce"):  # bucketed: the wait for the buckets started in backward
+        elif zero is not None and zero.stage == 3:  # no rows: the others' gathers all the same
+            zero.idle_forward()
+            zero.idle_backward()
+        # bucketed: the wait for the buckets started in backward
+        with tracer.span(self._sync_span):
             self.sync.wait()
         return loss_sum if self.reports else 0.0
 
@@ -237,14 +263,24 @@ class DataParallelEngine:
         """(loss_sum, n_correct) over rows x (n, I) of this rank."""
         loss_sum, correct = 0.0, 0
         ctx = Context()
-        for s in range(0, x.shape[0], chunk):
+        passes = -(-x.shape[0] // chunk)
+        if self.zero is not None and self.zero.stage == 3:  # every rank runs as many forward
+            passes = self.zero.agree_max(passes)  # passes (each gathers every layer)
+        for p in range(passes):
+            s = p * chunk
+            if s >= x.shape[0]:  # (ZeRO-3: this rank's rows ran out)
+                self.zero.idle_forward()
+                continue
             logits = self.model.forward(x[s:s + chunk], ctx)
             l, c = self.ops.predict_stats(logits, labels[s:s + chunk], self.loss)
             loss_sum, correct = loss_sum + l, correct + c
         return (loss_sum, correct) if self.reports else (0.0, 0)
 
     def state_dict(self):
-        """The whole model's named tensors (every replica holds them all)."""
+        """The whole model's named tensors (every replica holds them all; under
+        ZeRO-3 gathered to the first replica)."""
+        if self.zero is not None and self.zero.stage == 3:
+            return self.zero.state_dict()
         return self.model.state_dict()
 
     def activations(self):
@@ -257,10 +293,14 @@ class DataParallelEngine:
     def memory(self):
         """Bytes this rank allocated: parameters, gradients, and the activations the
         last step kept (every buffer of its context, the loss gradient's too)."""
+        acts = self.ctx.nbytes() + (int(self.dlogits.nbytes) if self.dlogits is not None else 0)
+        if self.zero is not None:  # the shards, and the scratch the collectives use
+            return {**self.zero.memory(), "activations": acts}
         return {"params": int(self.model.flat.data.nbytes),
                 "grads": int(self.model.flat.grad.nbytes),
-                "activations": self.ctx.nbytes() + (
-                    int(self.dlogits.nbytes) if self.dlogits is not None else 0)}
+                "comm": self.sync.host_nbytes, "activations": acts}
 
     def describe(self):
+        if self.zero is not None:
+            return self.zero.describe()
         return self.model.describe()

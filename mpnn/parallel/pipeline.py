@@ -104,7 +104,7 @@ class PipelineEngine:
     """
 
     def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None,
-                 tracer=NULL_TRACER, host_staging=None, virtual_stages=1):
+                 tracer=NULL_TRACER, host_staging=None, virtual_stages=1, zero=0, bucket_mb=0.1):
         self.model, self.loss, self.ops = model, loss, model.ops
         self.tracer = tracer
         self.grid, self.comm, self.world = grid, grid.pp_comm, grid.world
@@ -122,7 +122,18 @@ class PipelineEngine:
         self.actions = plan[self.stage]
         self.expected_peak_live = sim.peak_live[self.stage]
         self._split = {(a.mb, a.chunk) for a in self.actions if a.kind is Kind.WEIGHT}
-        self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
+        self.zero = None  # ZeRO over the stage's replicas (parallel.zero)
+        self._sync_span = "allreduce"
+        if zero:  # stage 1: the step's gradient reduce-scattered; stage 2: each backward's
+            from .zero import Zero
+
+            self.zero = Zero(zero, model, grid.dp_comm, bucket_mb, accumulate=zero == 2,
+                             tracer=tracer)
+            self.sync = self.zero.sync
+            self._sync_span = "reduce-scatter"
+        else:
+            self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
+        self._scratch = zero == 2  # backward writes bucket scratch, summed as it goes
         # under tensor parallelism every shard computes the same loss: one reports it
         self.reports = model.reports
         self.dispatch = {Kind.FORWARD: self._forward, Kind.BACKWARD: self._backward,
@@ -156,7 +167,10 @@ class PipelineEngine:
         gradient buffer (summed over replicas); returns the loss sum of these
         rows on the last stage and 0.0 on the others.
         """
-        self.model.zero_grad()
+        if self._scratch:
+            self.sync.begin_step()  # the shard accumulates every micro-batch's sums
+        else:
+            self.model.zero_grad()
         b = int(labels.shape[0])
         self._bounds = [share_bounds(b, k, self.m) for k in range(self.m)]
         self._x, self._labels, self._scale = x, labels, scale
@@ -312,10 +326,17 @@ class PipelineEngine:
         first = self.pipe.is_first(self.stage, a.chunk)
         split = key in self._split
         t0 = time.perf_counter()
+        done = None
+        if self._scratch:  # ZeRO-2: each bucket reduce-scattered once backward has it
+            self.sync.begin(a.chunk)
+            done = self.sync.on_layer_done
         if rows:
             with self.tracer.span("backward", mb=a.mb):
                 self.model.backward(dout, mb.ctx, need_input_grad=not first, chunk=a.chunk,
-                                    weights=not split)
+                                    weights=not split, on_layer_done=done)
+        elif done is not None:  # an empty micro-batch: the same reduce-scatters, of zeros
+            for i in reversed(self.model.chunks[a.chunk]):
+                done(i)
         self.clock.timed("B", a.chunk, t0)
         if split:
             self._await_w[key] = mb  # its inputs and dL/dz stay for the W
@@ -350,7 +371,7 @@ class PipelineEngine:
                 self._wait(mb.requests)
                 mb.requests.clear()
         t0 = time.perf_counter()
-        with self.tracer.span("allreduce"):
+        with self.tracer.span(self._sync_span):
             self.sync.allreduce()
         self.clock.sync_s += time.perf_counter() - t0
 
@@ -405,8 +426,10 @@ class PipelineEngine:
                    for mb in self._free)
         acts += sum(b.nbytes for pool in (self._inbox, self._inbox_host) for kind in pool.values()
                     for b in kind.values())
+        if self.zero is not None:
+            return {**self.zero.memory(), "activations": int(acts)}
         return {"params": int(self.model.flat.data.nbytes),
-                "grads": int(self.model.flat.grad.nbytes), "activations": int(acts)}
+                "grads": int(self.model.flat.grad.nbytes), "comm": 0, "activations": int(acts)}
 
     def describe(self):
         """The start-up line: grid, schedule, micro-batches, layers per stage."""
@@ -419,6 +442,8 @@ class PipelineEngine:
         held = self.model.describe()
         if held is not None:
             line += f"; {held} (this stage)"
+        if self.zero is not None:
+            line += f"; {self.zero.describe()} (this stage)"
         return line
 
     # -------------------------------------------------------------- metrics

@@ -299,6 +299,7 @@ class Checkpointer:
         self.config = config_of(config, sizes)
         self.comm, self.grid = grid.world, grid
         self.rank = grid.world.Get_rank()
+        self.zero = config.parallel.zero
         self.last_saved = None  # (path, step) of the newest checkpoint written by this run
 
     @property
@@ -319,7 +320,8 @@ class Checkpointer:
         params, optim = self._gather(model, opt)
         meta = {"step": int(step), "epoch": int(epoch), "batch": int(batch),
                 "optimizer_t": int(opt.t), "epoch_loss_sum": total_loss, "config": self.config,
-                "grid": {"dp": self.grid.dp, "pp": self.grid.pp, "tp": self.grid.tp}}
+                "grid": {"dp": self.grid.dp, "pp": self.grid.pp, "tp": self.grid.tp,
+                         "zero": self.zero}}
         if step > MAX_STEP:
             raise CheckpointError(f"step {step}: checkpoint names hold 9 digits, so steps end at "
                                   f"{MAX_STEP}; checkpoint less often (--checkpoint-every)")
@@ -347,7 +349,9 @@ class Checkpointer:
         share one layout); (None, None) on every other rank."""
         ops = model.ops
         ops.synchronize()
-        local = {"params": model.flat.data, **opt.state()}
+        local = opt.stage_arrays()  # under ZeRO gathered over the replicas first
+        if local is None:  # a ZeRO rank other than its stage's first: nothing to send
+            return None, None
         stage = model.whole_stage({name: _host(ops, a) for name, a in local.items()})
         whole = gather_whole(self.grid, stage, model.whole_layout)  # tp shards put together
         if whole is None:

@@ -80,6 +80,7 @@ class ParallelConfig:
     partition: str | None = None  # layers per stage, "2,1,1" (None: balanced)
     bucket_mb: float = 0.1  # overlapped gradient Allreduce buckets (0: one blocking call)
     threads: int | None = None  # BLAS/numba threads per rank (None: this rank's cores)
+    zero: int = 0  # ZeRO stage: 0 replicated, 1-3 shard optimizer state, gradients, parameters
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,13 @@ def validate(config, world_size):
             check_tensor_widths(m.hidden, par.tp)
         except TensorConfigError as e:
             raise ConfigError(str(e)) from None
+    from ..parallel.zero import ZeroConfigError, check_zero_config
+
+    try:
+        check_zero_config(par.zero, world_size, replicas if par.dp is None else par.dp, par.pp,
+                          par.tp, par.schedule, m.backend)
+    except ZeroConfigError as e:
+        raise ConfigError(str(e)) from None
     if o.lr is not None and o.lr == 0:
         raise ConfigError("--lr 0 would not train; give a positive learning rate")
     if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):

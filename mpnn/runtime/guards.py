@@ -27,7 +27,7 @@ def _non_finite(model, tensors):
 
 
 def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=None,
-                 activations=None, comm=MPI.COMM_SELF):
+                 activations=None, comm=MPI.COMM_SELF, flat=None):
     """Raise NonFiniteError when the loss, a gradient or the parameters are not finite.
 
     Called after each optimizer step and before any checkpoint, so a bad state is
@@ -41,14 +41,17 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     a callable returning them, asked for only then).
 
     comm: the ranks that compute one forward/backward pass together (a
-    pipeline's stages; default this rank alone). They agree on the verdict with
+    pipeline's stages; default this rank alone; under ZeRO every rank).
+    flat: the buffers to look at (default ``model.flat``; under ZeRO this rank's
+    shard, ``parallel.zero.ShardFlat``). They agree on the verdict with
     one small Allreduce per step; on a failure the rank holding the layer named
     raises, as a serial run would name it, and the others wait for the abort.
     """
     xp = model.ops.xp
+    flat = model.flat if flat is None else flat
     loss_ok = math.isfinite(loss_sum)
     with np.errstate(over="ignore", invalid="ignore"):  # inf - inf in the sum is the signal
-        total = float(xp.sum(model.flat.data))
+        total = float(xp.sum(flat.data))
     together = comm.Get_size() > 1
     failed = not (loss_ok and math.isfinite(total))
     if together:
@@ -57,8 +60,8 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
         return
     acts = activations() if callable(activations) else activations
     first = next((i for i in sorted(acts or {}) if not _all_finite(xp, acts[i])), None)
-    bad_grads = _non_finite(model, model.flat.grads)
-    bad_params = _non_finite(model, model.flat.params)
+    bad_grads = _non_finite(model, flat.grads)
+    bad_params = _non_finite(model, flat.params)
     mine = [not loss_ok, loss_sum if not loss_ok else 0.0, rank,
             BIG if first is None else first, _top_layer(bad_grads), float(bool(bad_params))]
     every = _gather_rows(comm, mine) if together else [mine]

@@ -55,22 +55,64 @@ def rank_label(r, pp, tp=1):
     return f"rank {r} ({where}" + (f", tp {r % tp})" if tp > 1 else ")")
 
 
-def memory_record(world, memory, opt, tp_measured, tp_formula, steps):
-    """Per-rank bytes (world rank order): parameters, gradients, optimizer state and
-    activations allocated (``engine.memory()`` and the optimizer's arrays), and under
+LEDGER = ("params", "grads", "optimizer", "comm", "activations")
+
+
+def model_state_formula(engine, model, opt):
+    """The ZeRO paper's bytes of this rank's parameters, gradients and optimizer state
+    (``parallel.zero.zero_formula``; stage 0 under plain data parallelism)."""
+    from ..parallel.zero import zero_formula
+
+    n_states = len(opt.state())
+    if engine.zero is not None:
+        return engine.zero.formula(n_states)
+    return zero_formula(0, model.layout.numel, 1, model.dtype.itemsize, n_states)
+
+
+def memory_record(world, memory, opt, tp_measured, tp_formula, steps, formula=None):
+    """Per-rank bytes (world rank order): parameters, gradients, optimizer state,
+    communication buffers and activations allocated (``engine.memory()`` and the
+    optimizer's arrays), the model states' formula (``model_state_formula``), and under
     tensor parallelism the bytes the tp Allreduces summed per training step, measured
     and by ``tp_bytes_formula``. Collective over ``world``."""
     optim = sum(int(a.nbytes) for a in opt.state().values())
-    mine = np.array([memory["params"], memory["grads"], optim, memory["activations"],
-                     tp_measured / max(1, steps), tp_formula / max(1, steps)], np.float64)
+    f = formula or {}
+    mine = np.array([memory["params"], memory["grads"], optim, memory.get("comm", 0),
+                     memory["activations"], tp_measured / max(1, steps),
+                     tp_formula / max(1, steps), f.get("params", 0), f.get("grads", 0),
+                     f.get("optimizer", 0)], np.float64)
     every = np.empty((world.Get_size(), mine.size), np.float64)
     world.Allgather(mine, every)
-    record = {"rank_bytes": {k: [int(v) for v in every[:, j]] for j, k in
-                             enumerate(("params", "grads", "optimizer", "activations"))}}
-    if every[:, 5].any():
-        record["tp_allreduce_bytes_per_step"] = [round(float(v)) for v in every[:, 4]]
-        record["tp_allreduce_bytes_per_step_formula"] = [round(float(v)) for v in every[:, 5]]
+    record = {"rank_bytes": {k: [int(v) for v in every[:, j]] for j, k in enumerate(LEDGER)}}
+    if formula is not None:
+        record["rank_bytes_formula"] = {k: [round(float(v)) for v in every[:, 7 + j]]
+                                        for j, k in enumerate(("params", "grads", "optimizer"))}
+    if every[:, 6].any():
+        record["tp_allreduce_bytes_per_step"] = [round(float(v)) for v in every[:, 5]]
+        record["tp_allreduce_bytes_per_step_formula"] = [round(float(v)) for v in every[:, 6]]
     return record
+
+
+def check_replicas(engine, grid, model, when=None):
+    """The replica-divergence check (``guards.check_replicas_agree``), or ZeRO's."""
+    if engine.zero is not None:
+        engine.zero.check_agree(when)
+    else:
+        check_replicas_agree(grid.dp_comm, model.flat, when)
+
+
+def build_optimizer(engine, model, o):
+    """The run's optimizer (``OptimConfig`` o) over the model's flat buffers, or over
+    this rank's shard of them under ZeRO (``parallel.zero.ZeroOptimizer``)."""
+    zero = engine.zero
+    flat = model.flat if zero is None else zero.shard_flat
+    opt = make_optimizer(o.optimizer, flat, model.ops, o.base_lr, o.momentum, o.nesterov,
+                         o.weight_decay)
+    if zero is None:
+        return opt
+    from ..parallel.zero import ZeroOptimizer
+
+    return ZeroOptimizer(zero, opt)
 
 
 def sum_over(comm, values):
@@ -92,10 +134,10 @@ def train(run, log=print):
     o, out = config.optim, config.output
     world, rank = grid.world, grid.world.Get_rank()
     ops = model.ops
-    check_replicas_agree(grid.dp_comm, model.flat)
+    check_replicas(engine, grid, model)
     base_lr = o.base_lr
-    opt = make_optimizer(o.optimizer, model.flat, ops, base_lr, o.momentum, o.nesterov,
-                         o.weight_decay)
+    opt = build_optimizer(engine, model, o)
+    formula = model_state_formula(engine, model, opt)
     ckpt = Checkpointer(config, model.sizes, grid)
     first_epoch, first_batch, step, carried_loss = 1, 0, 0, 0.0
     resume = run.resume
@@ -117,15 +159,17 @@ def train(run, log=print):
     x_test = ops.to_device(data.x_test[t_lo:t_hi]) if engine.needs_inputs else None
     y_test = ops.to_device(data.y_test[t_lo:t_hi])
     show_bar = rank == 0 and not out.quiet
+    # NaN/inf guard: ZeRO ranks each hold a slice of the parameters and gradients, so
+    # the whole job agrees; otherwise the ranks of one forward pass
+    guard_flat = model.flat if engine.zero is None else engine.zero.shard_flat
+    guard_comm = (grid.mp_comm or grid.pp_comm) if engine.zero is None else world
     if out.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
         keep_metrics(out.metrics, first_epoch - 1)
     history = []
-    if model.tp > 1:  # the memory ledger at start-up (activations: metrics)
-        start = memory_record(world, engine.memory(), opt, 0, 0, 1)["rank_bytes"]
+    if model.tp > 1 or engine.zero is not None:  # the memory ledger at start-up
+        start = memory_record(world, engine.memory(), opt, 0, 0, 1, formula)
         if rank == 0 and not out.quiet:
-            log("memory per rank, MB (world rank order): " + "; ".join(
-                f"{k} {'/'.join(f'{v / 1e6:.3g}' for v in start[k])}"
-                for k in ("params", "grads", "optimizer")))
+            _log_ledger(start, engine.zero, log)
     tracer.start(world)
     for epoch in range(first_epoch, config.epochs + 1):
         order = epoch_permutation(n, config.seed, epoch)
@@ -147,10 +191,10 @@ def train(run, log=print):
             # NaN/inf stops the run here, before any checkpoint can hold it
             # (agreed over the ranks of one forward pass: a pipeline's stages and shards)
             check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
-                         engine.activations, grid.mp_comm or grid.pp_comm)
+                         engine.activations, guard_comm, guard_flat)
             if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
                 with tracer.span("checkpoint", step=step):
-                    check_replicas_agree(grid.dp_comm, model.flat, f"at step {step}")
+                    check_replicas(engine, grid, model, f"at step {step}")
                     ckpt.save(model, opt, step, epoch, batch, loss_sum)
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
@@ -172,11 +216,11 @@ def train(run, log=print):
         }
         record.update(engine.epoch_metrics())  # collective (a pipeline's stage times)
         record.update(memory_record(world, engine.memory(), opt, tp_measured, tp_formula,
-                                    steps_run))  # collective
+                                    steps_run, formula))  # collective
         history.append(record)
         if rank == 0:
             _report(record, out, log)
-        check_replicas_agree(grid.dp_comm, model.flat, f"after epoch {epoch}")  # periodic check
+        check_replicas(engine, grid, model, f"after epoch {epoch}")  # periodic check
         if ckpt.due_after_epoch(epoch) or ckpt.due_after_step(step) or \
                 (ckpt.enabled and epoch == config.epochs):  # the next epoch starts at batch 0
             with tracer.span("checkpoint", step=step):
@@ -185,6 +229,21 @@ def train(run, log=print):
                 log(f"checkpoint {path}")
     _finish(run, history, log)
     return history
+
+
+def _log_ledger(record, zero, log):
+    """Rank 0 at start-up: each rank's model-state bytes, and ZeRO's formula."""
+    measured, formula = record["rank_bytes"], record["rank_bytes_formula"]
+
+    def mb(values):
+        return "/".join(f"{v / 1e6:.3g}" for v in values)
+
+    kinds = ("params", "grads", "optimizer", "comm")
+    log("memory per rank, MB (world rank order): " + "; ".join(
+        f"{k} {mb(measured[k])}" for k in kinds))
+    if zero is not None:
+        log(f"  ZeRO-{zero.stage} formula: " + "; ".join(
+            f"{k} {mb(formula[k])}" for k in kinds[:3]))
 
 
 def _report(record, out, log):

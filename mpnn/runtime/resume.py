@@ -130,7 +130,7 @@ class Resume:
             stage = np.empty(model.whole_layout.numel, arr.dtype)  # this rank's layers, whole
             for (lo, hi), (a, b) in _chunk_spans(model.whole_layout):  # a span per chunk
                 stage[a:b] = saved[name][lo:hi]
-            arr[...] = model.ops.to_device(model.local_of(stage))  # its shards under --tp
+            opt.load_state(name, model.local_of(stage))  # its shards under --tp or --zero
         opt.t = int(self.checkpoint.meta["optimizer_t"])
 
 

@@ -58,7 +58,11 @@ def setup(config, comm):
     threads, warning = configure_threads(comm, par.threads)
     dtype = np.dtype(config.model.dtype)
     data = load_data(config, comm, dtype)
-    ops = get_ops(resolve_backend(config.model.backend))
+    backend = resolve_backend(config.model.backend)
+    if par.zero and backend == "cupy":  # --backend auto found a GPU
+        raise ConfigError(f"--zero {par.zero} exchanges host (NumPy) buffers and this run would "
+                          f"use the GPU (cupy backend): add --backend numba")
+    ops = get_ops(backend)
     sizes = [data.n_features, *config.model.hidden, data.num_classes]
     v = par.virtual_stages
     stages = layer_costs_s = None  # layer_costs_s: the profiled LayerCosts, for the log
@@ -87,12 +91,14 @@ def setup(config, comm):
 
 
 def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
-    """A data-parallel replica of the whole model, or this rank's pipeline stage."""
+    """A data-parallel replica of the whole model, or this rank's pipeline stage
+    (either with its model states sharded over its replicas under ``--zero``)."""
     par, loss = config.parallel, config.model.loss
     if grid.pp == 1:
-        return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer)
+        return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer, par.zero)
     return PipelineEngine(model, loss, grid, par.schedule, par.micro_batches, stages, tracer,
-                          virtual_stages=par.virtual_stages)
+                          virtual_stages=par.virtual_stages, zero=par.zero,
+                          bucket_mb=par.bucket_mb)
 
 
 def load_data(config, comm, dtype):
