@@ -122,8 +122,8 @@ def build_parser():
     a("--backend", default="auto", choices=BACKENDS,
       help="kernel implementation (default auto: cupy when a GPU is usable, else numba)")
     a("--bucket-mb", type=nonneg_float, default=0.1,
-      help="data parallel: overlap the gradient Allreduce with backward in buckets of "
-           "this many MB (0 = one blocking Allreduce after backward)")
+      help="data parallel: overlap the gradient Allreduce (under --zero: reduce-scatter) "
+           "with backward in buckets of this many MB (0 = one call after backward)")
     a("--threads", type=_thread_count, default=None,
       help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")

@@ -148,9 +148,8 @@ class ShardedGradSync:
         self.ring = None
         if scratch:
             self.ring = Ring([b.stop - b.start for b in self.buckets], model.dtype)
-            model.flat.grad = np.empty(0, model.dtype)  # no whole gradient buffer
+            model.flat.grad = grad_shard[:0]  # no whole gradient buffer (an empty view)
             model.flat.grads = dict.fromkeys(model.flat.grads)  # bound bucket by bucket
-        self.active = True
 
     @property
     def nbytes(self):
@@ -275,7 +274,6 @@ class ParamGather:
         self._requests = {}  # layer -> Iallgatherv in flight
         self._have = set()  # layers whose gathered (W, b) are in the ring and current
         self._views = {}
-        self.bytes_gathered = 0  # received by this rank since the last take_bytes
 
     @property
     def nbytes(self):
@@ -298,10 +296,6 @@ class ParamGather:
         self._have.clear()
         self.ring.forget()
 
-    def take_bytes(self):
-        n, self.bytes_gathered = self.bytes_gathered, 0
-        return n
-
     def _start(self, i):
         if i in self._have or i in self._requests:
             return
@@ -310,7 +304,6 @@ class ParamGather:
         self._views[i] = view
         self._requests[i] = self.comm.Iallgatherv(
             self._piece[i], [view, self._counts[i], self._displs[i], self._mpi_type])
-        self.bytes_gathered += view.nbytes
 
     def _ready(self, i):
         self._start(i)
