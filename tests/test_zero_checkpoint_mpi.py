@@ -519,12 +519,18 @@ def test_replica_check_names_a_rank_whose_unowned_slice_diverged(ranks, stage):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.mpi(min_size=4))])
-def test_replica_check_passes_a_healthy_zero3_run(ranks):
+def test_replica_check_passes_a_healthy_zero3_run_and_names_a_bad_layout(ranks):
     comm = sub_world(ranks)
     if comm is None:
         return
     run, _ = run_training(BASE + OPTIMIZERS["adam"] + ["--epochs", "1", "--zero", "3"], comm)
-    run.engine.zero.check_agree("at step 5")
+    zero = run.engine.zero
+    zero.check_agree("at step 5")
     loop.check_replicas(run.engine, run.grid, run.model, "after epoch 1")
+    if comm.Get_rank() == 1:  # a slice of another length: the layout is not the ranks' own
+        zero.param_shard = zero.param_shard[:-1]
+    with pytest.raises(RuntimeError, match=r"ZeRO-3 ranks disagree on the shard layout at step "
+                                           r"5: data-parallel ranks \[1\] hold slices"):
+        zero.check_agree("at step 5")
     comm.Free()
 
