@@ -24,7 +24,7 @@ from mpnn.nn.model import MLP
 from mpnn.nn.params import Layout
 from mpnn.runtime import checkpoint as ck
 from mpnn.runtime import guards, loop
-from mpnn.runtime.guards import NonFiniteError
+from mpnn.runtime.guards import NonFiniteError, PeerReportedError
 from mpnn.runtime.weights import load_weights, save_weights
 
 from conftest import build_run, run_training, shared_dir, sub_world, trained_serially
@@ -292,55 +292,18 @@ def test_trace_of_a_zero_pipeline_names_the_collectives_on_every_rank(stage):
 # ------------------------------------------------------------ the NaN guard
 
 
-class _Waited(Exception):
-    """A rank that was not the guard's reporter left the barrier it waits in."""
-
-
-class _ReleasingComm:
-    """``comm``, whose Barrier raises _Waited once passed: in-process, the guard's
-    non-reporting ranks return from the wait for the reporter's MPI_Abort
-    instead of training on."""
-
-    def __init__(self, comm):
-        self._comm = comm
-
-    def __getattr__(self, name):
-        return getattr(self._comm, name)
-
-    def Barrier(self):
-        self._comm.Barrier()
-        raise _Waited
-
-
-def _guarded(monkeypatch):
-    """runtime.loop's guard, returning on every rank: the reporter, once raised,
-    releases the ranks that wait for its MPI_Abort, and they raise _Waited."""
-    real = guards.check_finite
-
-    def check_finite(*args):
-        *head, comm, flat = args  # (model, loss, step, epoch, batch, rank, last, acts, comm, flat)
-        try:
-            return real(*head, _ReleasingComm(comm), flat)
-        except NonFiniteError:
-            if comm.Get_size() > 1:
-                comm.Barrier()
-            raise
-
-    monkeypatch.setattr(loop, "check_finite", check_finite)
-
-
-def _stop_message(argv, comm, monkeypatch):
+def _stop_message(argv, comm):
     """The NonFiniteError messages training ``argv`` on ``comm`` stops with: (the
-    first rank's that raised, or None; every rank's, None where it did not raise)."""
-    _guarded(monkeypatch)
+    reporting rank's, or None; every rank's, None where it did not report). The
+    other ranks of the forward pass raise PeerReportedError (``runtime.guards``)."""
     message = None
     with np.errstate(all="ignore"):
         try:
             run_training(argv, comm)
+        except PeerReportedError:
+            pass
         except NonFiniteError as e:
             message = str(e)
-        except _Waited:
-            pass
     every = comm.allgather(message)
     return next((m for m in every if m is not None), None), every
 
@@ -369,7 +332,7 @@ def _anyrank(message):
 @pytest.mark.parametrize("cause", ["lr", "init"])
 @pytest.mark.parametrize("grid", [pytest.param(g, marks=pytest.mark.mpi(min_size=n))
                                   for g, (n, _, _) in GUARD_GRIDS.items()])
-def test_non_finite_run_stops_on_every_stage_with_the_zero0_message(grid, cause, monkeypatch):
+def test_non_finite_run_stops_on_every_stage_with_the_zero0_message(grid, cause):
     ranks, opts, stages = GUARD_GRIDS[grid]
     comm = sub_world(ranks)
     if comm is None:
@@ -383,7 +346,7 @@ def test_non_finite_run_stops_on_every_stage_with_the_zero0_message(grid, cause,
         comm.Barrier()
         argv = BASE + OPTIMIZERS["momentum"] + ["--init", f"{d}/huge.npz"]
     argv += opts
-    plain, every = _stop_message(argv + ["--zero", "0"], comm, monkeypatch)
+    plain, every = _stop_message(argv + ["--zero", "0"], comm)
     # every replica raises (a pipeline's stage that holds the layer), naming itself
     assert plain is not None
     assert {_anyrank(m) for m in every if m is not None} == {_anyrank(plain)}, every
@@ -395,7 +358,7 @@ def test_non_finite_run_stops_on_every_stage_with_the_zero0_message(grid, cause,
             "training loss is nan at step 1 (epoch 1, batch 1) on rank R, from finite "
             "parameters: it first appears in the output of layer 2 (layers.2.weight/bias)"), plain
     for stage in stages:
-        message, every = _stop_message(argv + ["--zero", str(stage)], comm, monkeypatch)
+        message, every = _stop_message(argv + ["--zero", str(stage)], comm)
         assert message == plain, f"--zero {stage}: {message!r}"
         assert sum(m is not None for m in every) == 1, every  # one rank reports
     finish(comm, d)
@@ -443,12 +406,11 @@ def test_guard_names_a_layer_in_one_ranks_gradient_shard(stage, case):
     flat.data[...] += flat.grad
     message = None
     try:
-        guards.check_finite(run.model, 1.5, 5, 1, 5, rank, None, None, _ReleasingComm(comm), flat)
+        guards.check_finite(run.model, 1.5, 5, 1, 5, rank, None, None, comm, flat)
+    except PeerReportedError:
+        pass
     except NonFiniteError as e:
         message = str(e)
-        comm.Barrier()
-    except _Waited:
-        pass
     every = comm.allgather(message)
     reporters = [r for r, m in enumerate(every) if m is not None]
     assert reporters == [owner], every
@@ -474,12 +436,11 @@ def test_guard_names_the_layer_backward_reaches_first_across_ranks(stage):
     flat.data[...] += flat.grad
     message = None
     try:
-        guards.check_finite(run.model, 1.5, 5, 1, 5, rank, None, None, _ReleasingComm(comm), flat)
+        guards.check_finite(run.model, 1.5, 5, 1, 5, rank, None, None, comm, flat)
+    except PeerReportedError:
+        pass
     except NonFiniteError as e:
         message = str(e)
-        comm.Barrier()
-    except _Waited:
-        pass
     every = comm.allgather(message)
     assert every[0] is None and every[1] is not None, every
     whole = _whole_message([5, 1000]).replace("on rank 0", "on rank 1")

@@ -66,6 +66,10 @@ SYNTHETIC_SIZE = (60000, 10000)
 SYNTHETIC_FEATURES = 784
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_NOISE = 0.5
+# (training rows, test rows, features, classes) of each dataset, known without loading it
+SHAPES = {"digits": (1797 - DIGITS_N_TEST, DIGITS_N_TEST, 64, 10),
+          "mnist": (60000, 10000, 784, 10), "fashion-mnist": (60000, 10000, 784, 10),
+          "synthetic": (*SYNTHETIC_SIZE, SYNTHETIC_FEATURES, SYNTHETIC_CLASSES)}
 
 _FIX = ("pass --data-dir DIR (or data_dir=DIR) or set MPNN_DATA=DIR to a directory holding "
         f"the four files {', '.join(IDX_FILES)} (each plain or .gz), or DIR/<name>/ holding them")

@@ -60,8 +60,13 @@ def abort_on_error(comm, run, prog="mpnn.train", release=()):
 
     release: what this rank holds that must go before MPI_Abort ends the process
     (the checkpoint directory's lock), each with a ``release()``."""
+    from .guards import PeerReportedError
+
     try:
         run()
+    except PeerReportedError:  # another rank reports it and aborts the job: wait for that
+        comm.Barrier()  # (the reporter never joins)
+        return 1
     except Exception as e:  # noqa: BLE001
         say(f"{prog}: error on rank {comm.Get_rank()}: {type(e).__name__}: {e}")
         for held in release:  # MPI_Abort skips every finally: free them now

@@ -19,6 +19,12 @@ class NonFiniteError(FloatingPointError):
     """A NaN or infinity in the training loss or a gradient."""
 
 
+class PeerReportedError(NonFiniteError):
+    """Raised by ``check_finite`` on the ranks of a forward pass whose verdict another
+    rank reports (with the message): ``mpnn.train`` lets them wait for that rank's
+    abort, a sweep's trial records the reporter's message (``mpnn.sweep``)."""
+
+
 def _non_finite(model, tensors):
     """Names of ``tensors`` (named views) holding NaN/inf, last layer first."""
     xp = model.ops.xp
@@ -45,7 +51,8 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     flat: the buffers to look at (default ``model.flat``; under ZeRO this rank's
     shard, ``parallel.zero.ShardFlat``). They agree on the verdict with
     one small Allreduce per step; on a failure the rank holding the layer named
-    raises, as a serial run would name it, and the others wait for the abort.
+    raises, as a serial run would name it, and the others raise
+    ``PeerReportedError`` (``mpnn.train`` then waits for the reporter's abort).
     """
     xp = model.ops.xp
     flat = model.flat if flat is None else flat
@@ -69,8 +76,8 @@ def check_finite(model, loss_sum, step, epoch, batch, rank=0, last_checkpoint=No
     if reporter is None:
         return  # the sum overflowed with finite entries: nothing is wrong
     if reporter != rank:
-        comm.Barrier()  # the reporter never joins: this rank waits for its MPI_Abort
-        return
+        raise PeerReportedError(f"non-finite values at step {step}, reported by rank "
+                                f"{reporter}")
     where = f"at step {step} (epoch {epoch}, batch {batch}) on rank {rank}"
     keep = (f"the last good checkpoint {last_checkpoint} was not overwritten"
             if last_checkpoint else "no checkpoint was written")
