@@ -125,12 +125,10 @@ def sum_over(comm, values):
     return out
 
 
-def train(run, log=print, on_step=None):
+def train(run, log=print):
     """Train the run built by ``runtime.setup.setup`` and return the per-epoch
     metrics (rank 0's view, identical on all ranks). A resumed run (``run.resume``)
-    continues at its step, epoch and batch with its optimizer state. ``on_step()``,
-    if given, is called on this rank after every step (a sweep's coordinator
-    answers the other groups there, ``mpnn.sweep``)."""
+    continues at its step, epoch and batch with its optimizer state."""
     config, grid, data, model, engine, tracer = (run.config, run.grid, run.data, run.model,
                                                  run.engine, run.tracer)
     o, out = config.optim, config.output
@@ -194,8 +192,6 @@ def train(run, log=print, on_step=None):
             # (agreed over the ranks of one forward pass: a pipeline's stages and shards)
             check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
                          engine.activations, guard_comm, guard_flat)
-            if on_step is not None:
-                on_step()
             if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
                 with tracer.span("checkpoint", step=step):
                     check_replicas(engine, grid, model, f"at step {step}")
