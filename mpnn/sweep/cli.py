@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..parallel.grid import GridError, grid_shape
 from ..runtime.agree import interrupted, on_every_rank
 from .plan import SCHEDULERS, Plan
-from .report import append_result, makespan, plot_sweep, read_results, table
+from .report import append_result, makespan, plot_sweep, read_results, rewrite_results, table
 from .spec import SpecError, load_spec
 
 METRICS = ("test_accuracy", "test_loss", "train_loss", "samples_per_s", "epoch_time_s")
@@ -146,6 +146,8 @@ def _main(comm, argv):
     records = list(sweep.done.values())
     coordinator = bar = None
     if rank == 0:
+        if args.resume:  # the records kept, whole lines only (a killed sweep may leave half)
+            rewrite_results(sweep.results_path, records)
         if not args.quiet:
             print(f"mpnn.sweep: {len(sweep.trials)} trials ({len(sweep.done)} done before), "
                   f"{n_groups} group(s) of {g} rank(s), {args.scheduler} scheduler",

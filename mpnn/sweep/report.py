@@ -41,6 +41,14 @@ def append_result(path, record):
         os.fsync(f.fileno())
 
 
+def rewrite_results(path, records):
+    """``path`` holding exactly ``records`` (atomically: a crash leaves the old file)."""
+    from ..runtime.files import atomic_write
+
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def higher_is_better(metric):
     return "loss" not in metric and not metric.endswith("_s")
 
