@@ -37,7 +37,9 @@ REFUSED = {  # name: (world size, options, words the message must hold)
                     ["--zero 1", "(--pp 2 over 2 ranks) has one", "mpirun -n 4", "drop --zero"]),
     "one replica, 3 stages": (3, ["--zero", "2", "--pp", "3"],
                               ["(--pp 3 over 3 ranks) has one", "mpirun -n 6"]),
-    "one replica, tp": (2, ["--zero", "1", "--tp", "2"], ["(--pp 1 x --tp 2 over 2 ranks)"]),
+    # the refusal that holds at any rank count comes first (no advice to add ranks)
+    "one replica, tp": (2, ["--zero", "1", "--tp", "2"], ["--zero 1 with --tp 2", "not supported"]),
+    "one replica, zero 3 and pp": (2, ["--zero", "3", "--pp", "2"], ["--zero 3 with --pp"]),
     "cupy": (2, ["--zero", "1", "--backend", "cupy"],
              ["--zero 1", "cupy backend is not supported", "--backend numba or numpy"]),
 }

@@ -200,3 +200,34 @@ def test_ledger_equals_the_arrays_and_the_formula(ranks, sizes, stage, optimizer
     if stage == 0:
         assert memory["comm"] == 0
     comm.Free()
+
+
+# 64-400-400-10 in float64: layer 1's 160,400 parameters are a 1.28 MB bucket, far
+# beyond the 512 KiB at which the PyPI MPICH aborts an in-place reduce-scatter
+WIDE_BUCKETS = ["--dataset", "digits", "--hidden", "400,400", "--epochs", "1", "--batch-size",
+                "239", "--dtype", "float64", "--quiet"] + OPTIMIZERS["adamw"]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("ranks", [2, pytest.param(4, marks=pytest.mark.mpi(min_size=4))])
+def test_zero_with_buckets_of_megabytes_matches_serial(ranks, stage):
+    comm = sub_world(ranks)
+    if comm is None:
+        return
+    run, history = run_training(WIDE_BUCKETS + ["--zero", str(stage)], comm)
+    assert max(b.stop - b.start for b in run.engine.sync.buckets) * 8 > 2**20
+    _assert_serial(run, history, WIDE_BUCKETS)
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_with_pipeline_and_buckets_of_megabytes_matches_serial(stage):
+    comm = sub_world(4)
+    if comm is None:
+        return
+    opts = ["--dp", "2", "--pp", "2", "--micro-batches", "2", "--zero", str(stage)]
+    run, history = run_training(WIDE_BUCKETS + opts, comm)
+    _assert_serial(run, history, WIDE_BUCKETS)
+    comm.Free()

@@ -68,11 +68,6 @@ def check_zero_config(zero, world_size, dp, pp=1, tp=1, schedule="1f1b", backend
         raise ZeroConfigError(f"--zero {zero} shards the model states across data-parallel "
                               f"replicas, and a serial run has one: run under mpirun -n 2 or "
                               f"more, or drop --zero")
-    if dp == 1:
-        raise ZeroConfigError(f"--zero {zero} shards across data-parallel replicas, and this "
-                              f"grid (--pp {pp}{f' x --tp {tp}' if tp > 1 else ''} over "
-                              f"{world_size} ranks) has one: add ranks (mpirun -n "
-                              f"{2 * world_size}) or drop --zero")
     if tp > 1:
         raise ZeroConfigError(f"--zero {zero} with --tp {tp}: sharding a tensor-parallel shard "
                               f"again is not supported; use --zero with --dp/--pp, or --tp "
@@ -87,6 +82,11 @@ def check_zero_config(zero, world_size, dp, pp=1, tp=1, schedule="1f1b", backend
                               f"of its backward, so no bucket is final at one point; use --zero "
                               f"1, or a schedule with a whole backward (1f1b, gpipe, "
                               f"interleaved-1f1b)")
+    if dp == 1:
+        raise ZeroConfigError(f"--zero {zero} shards across data-parallel replicas, and this "
+                              f"grid (--pp {pp}{f' x --tp {tp}' if tp > 1 else ''} over "
+                              f"{world_size} ranks) has one: add ranks (mpirun -n "
+                              f"{2 * world_size}) or drop --zero")
     if backend == "cupy":
         raise ZeroConfigError(f"--zero {zero} exchanges host (NumPy) buffers; the cupy backend "
                               f"is not supported with it: use --backend numba or numpy")
@@ -146,7 +146,7 @@ class Zero:
             flat.data = params[:0]  # no whole parameter buffer (an empty view)
             flat.params = dict.fromkeys(flat.params)  # bound layer by layer when gathered
         self.param_shard = params
-        grad = flat.grad[sh.lo:sh.hi] if self.stage == 1 else np.zeros(sh.real, flat.dtype)
+        grad = np.zeros(sh.real, flat.dtype)  # (real,) what the reduce-scatters deliver
         self.sync = ShardedGradSync(comm, model, sh, grad, bucket_mb, scratch=self.stage >= 2,
                                     accumulate=accumulate)
         self.grad_shard = grad
@@ -240,8 +240,11 @@ class Zero:
     def memory(self):
         """Bytes this rank allocated for the model states and ZeRO's buffers."""
         params = self.padded.nbytes if self.padded is not None else self.param_shard.nbytes
-        grads = self.model.flat.grad.nbytes if self.stage == 1 else self.grad_shard.nbytes
         comm = self.sync.nbytes + (self.gather.nbytes if self.gather is not None else 0)
+        if self.stage == 1:  # the whole gradient is backward's; the shard, the reduce-scatter's
+            grads, comm = self.model.flat.grad.nbytes, comm + self.grad_shard.nbytes
+        else:
+            grads = self.grad_shard.nbytes
         return {"params": int(params), "grads": int(grads), "comm": int(comm)}
 
     def formula(self, n_states):

@@ -72,20 +72,22 @@ class Shards:
 
 
 class Ring:
-    """Scratch for a sequence of units of which two consecutive ones live at once.
+    """Scratch for a sequence of units of which two consecutive ones may live at once.
 
     Unit k sits at the start of the buffer when k is even and at its end when
-    odd; the buffer holds the largest pair of consecutive units, so a unit and
-    its neighbour never overlap. ``take`` first evicts (through the owner's
-    ``evict(k)``, which completes any request on it) the unit now at the same
-    end (unit k itself too: a pipeline reuses a bucket every micro-batch), and
-    the one at the other end if the two would overlap.
+    odd. With ``pairs`` the buffer holds the largest pair of consecutive units,
+    so a unit and its neighbour never overlap; without, only the largest unit,
+    and two neighbours share it only where they fit together. ``take`` first
+    evicts (through the owner's ``evict(k)``, which completes any request on
+    it) the unit now at the same end (unit k itself too: a pipeline reuses a
+    bucket every micro-batch), and the one at the other end if the two would
+    overlap.
     """
 
-    def __init__(self, sizes, dtype):
+    def __init__(self, sizes, dtype, pairs=True):
         sizes = [int(s) for s in sizes]
-        pairs = [a + b for a, b in zip(sizes, sizes[1:], strict=False)]
-        self.size = max(pairs + sizes)
+        together = [a + b for a, b in zip(sizes, sizes[1:], strict=False)] if pairs else []
+        self.size = max(together + sizes)
         self.buf = np.zeros(self.size, dtype=dtype)
         self._at = [None, None]  # (unit, length) at the start, at the end
 
@@ -104,6 +106,11 @@ class Ring:
         self._at[end] = (k, n)
         return self.buf[:n] if end == 0 else self.buf[self.size - n:]
 
+    def fits(self, k, n):
+        """Whether unit k of ``n`` elements fits beside the unit at the other end."""
+        held = self._at[1 - k % 2]
+        return held is None or held[1] + n <= self.size
+
     def forget(self):
         self._at = [None, None]
 
@@ -112,14 +119,21 @@ class ShardedGradSync:
     """Reduce-scatter of the flat gradient, bucket by bucket, into ``grad_shard``.
 
     Buckets are made per model chunk (``make_buckets``: whole layers, reverse
-    order). Stage 1 (``scratch=False``): backward writes the model's whole
-    gradient buffer and each bucket is reduce-scattered from it in place, this
-    rank's part then copied to its slice. Stages 2 and 3 (``scratch=True``): the
-    model's gradient views are pointed at a ``Ring`` slot, bucket by bucket,
-    before backward writes them (``begin``, then ``on_layer_done`` binds the
-    next bucket as soon as one is started); the whole gradient buffer does not
-    exist. ``accumulate`` adds each bucket's sum to the shard instead of
-    overwriting it (a pipeline's micro-batches: ``begin_step`` zeroes it).
+    order). Each bucket is one ``Ireduce_scatter`` whose ``counts[j]`` is the
+    part of the bucket in rank j's slice; this rank receives its part straight
+    into its place in ``grad_shard``. (Not ``MPI.IN_PLACE``: the PyPI MPICH 5.0
+    aborts on an in-place reduce-scatter of 512 KiB or more whose blocks it
+    would move over each other.) Stage 1 (``scratch=False``): backward writes
+    the model's whole gradient buffer and the buckets are sent from it. Stages
+    2 and 3 (``scratch=True``): the model's gradient views are pointed at a
+    ``Ring`` slot, bucket by bucket, before backward writes them (``begin``,
+    then ``on_layer_done`` binds the next bucket as soon as one is started);
+    the whole gradient buffer does not exist. The ring holds the largest
+    bucket: two consecutive buckets that do not fit together wait, the
+    second for the first's sum (memory before overlap: ZeRO's point).
+    ``accumulate`` adds each bucket's sum to the shard instead of overwriting
+    it (a pipeline's micro-batches: ``begin_step`` zeroes it), through an
+    inbox per ring end.
 
     Every rank starts the same reduce-scatters in the same order: the order
     depends only on the layers, never on the data (a rank with no rows runs
@@ -146,15 +160,20 @@ class ShardedGradSync:
         self._views = [None] * len(self.buckets)  # the bucket's gradient (scratch or whole)
         self._started = set()  # buckets started since the last wait
         self.ring = None
+        self._inbox = None
         if scratch:
-            self.ring = Ring([b.stop - b.start for b in self.buckets], model.dtype)
+            self.ring = Ring([b.stop - b.start for b in self.buckets], model.dtype, pairs=False)
             model.flat.grad = grad_shard[:0]  # no whole gradient buffer (an empty view)
             model.flat.grads = dict.fromkeys(model.flat.grads)  # bound bucket by bucket
+        if accumulate:  # a bucket's sum lands here first, then is added to the shard
+            most = max(e - a for a, e in self._mine)
+            self._inbox = [np.zeros(most, model.dtype), np.zeros(most, model.dtype)]
 
     @property
     def nbytes(self):
-        """Bytes of the scratch ring (0 at stage 1)."""
-        return self.ring.nbytes if self.ring is not None else 0
+        """Bytes of the scratch ring and the inboxes (0 at stage 1)."""
+        ring = self.ring.nbytes if self.ring is not None else 0
+        return ring + (sum(int(b.nbytes) for b in self._inbox) if self._inbox else 0)
 
     # ------------------------------------------------------------- interface
 
@@ -206,30 +225,29 @@ class ShardedGradSync:
                 grads[name] = view[s.offset - b.start:s.stop - b.start].reshape(s.shape)
 
     def _start(self, k):
-        """Non-blocking in-place reduce-scatter of bucket k: rank j's part of the
-        bucket, summed over the ranks, lands at the front of the bucket on rank j."""
+        """Non-blocking reduce-scatter of bucket k: this rank's part of the bucket,
+        summed over the ranks, lands in its place in the shard (or in the inbox)."""
         b = self.buckets[k]
         self._complete(k)  # a pipeline's next micro-batch: the last sum first
-        buf = self._views[k] if self.scratch else self.model.flat.grad[b.start:b.stop]
-        self._views[k] = buf
-        self._requests[k] = self.comm.Ireduce_scatter(MPI.IN_PLACE, buf, self._counts[k],
-                                                      op=MPI.SUM)
+        send = self._views[k] if self.scratch else self.model.flat.grad[b.start:b.stop]
+        self._views[k] = send
+        a, e = self._mine[k]
+        recv = self._inbox[k % 2][:e - a] if self.accumulate else \
+            self.grad_shard[a - self.shards.lo:e - self.shards.lo]
+        self._requests[k] = self.comm.Ireduce_scatter(send, recv, self._counts[k], op=MPI.SUM)
         self._started.add(k)
 
     def _complete(self, k):
-        """Wait for bucket k's sum and move this rank's part into the shard."""
+        """Wait for bucket k's sum (and add it to the shard, when accumulating)."""
         req = self._requests[k]
         if req is None:
             return
         req.Wait()
         self._requests[k] = None
-        a, e = self._mine[k]
-        part = self._views[k][:e - a]
-        lo = self.shards.lo
         if self.accumulate:
-            self.grad_shard[a - lo:e - lo] += part
-        else:
-            self.grad_shard[a - lo:e - lo] = part
+            a, e = self._mine[k]
+            lo = self.shards.lo
+            self.grad_shard[a - lo:e - lo] += self._inbox[k % 2][:e - a]
 
     def _progress(self):
         """Let MPI advance started requests (MPICH progresses them inside MPI calls)."""

@@ -143,6 +143,7 @@ def train(run, log=print):
     resume = run.resume
     if resume is not None:  # same position, optimizer state and lr step as the saved run
         resume.restore_optimizer(opt, model)
+        resume.release()
         first_epoch, first_batch, step = resume.epoch, resume.batch, resume.step
         carried_loss = resume.epoch_loss_sum if rank == 0 else 0.0  # the job's sum so far
         ckpt.last_saved = resume.path

@@ -133,6 +133,13 @@ class Resume:
             opt.load_state(name, model.local_of(stage))  # its shards under --tp or --zero
         opt.t = int(self.checkpoint.meta["optimizer_t"])
 
+    def release(self):
+        """Drop the checkpoint's arrays once they are loaded (the whole model's
+        parameters and optimizer state would otherwise stay on every rank for the
+        whole run, outside the memory ledger); its position and meta stay."""
+        self.checkpoint.params.clear()
+        self.checkpoint.optim.clear()
+
 
 def load_resume(config, model):
     """The checkpoint to resume from, verified against this run and loaded into
