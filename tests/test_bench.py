@@ -108,7 +108,8 @@ def test_ratio_pairs():
 def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
-                   "--backends", "numpy,numba", "--no-dp", "--no-wide", "--json", str(out)])
+                   "--backends", "numpy,numba", "--no-dp", "--no-wide", "--no-zero",
+                   "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
     assert data["samples_per_s"]["8"]["numba"] > 0
@@ -117,6 +118,7 @@ def test_serial_run_writes_json(tmp_path, capsys):
     assert data["numba_step_flops"]["16"]["executed_fraction"] > 0
     assert set(data["ratios"]) == {"numba/numpy"}
     assert result["data_parallel"] is None
+    assert "zero" not in result and "wide_model" not in result
     text = capsys.readouterr().out
     assert "numba/numpy" in text and "[" in text  # medians with their ranges
     assert "issue" not in text.lower()
@@ -134,7 +136,7 @@ def test_targets_are_said_in_words():
 
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
-        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide"])
+        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero"])
 
 
 def test_dp_measurement_under_mpirun():
@@ -199,3 +201,71 @@ def test_wide_model_modes_end_to_end(capsys):
     assert tp["sent_per_step"] == tp["tp_formula"]  # measured = the formula
     assert dp["sent_per_step"] == dp["rank_bytes"]["grads"]
     assert pp["sent_per_step"] == [32 * 64 * 4] * 2
+
+
+def test_zero_bench_options_and_sizes():
+    from mpnn.bench import zero
+
+    args = zero.parse_args([])
+    assert (args.rounds, args.epochs, args.wide_epochs, args.batch_size, args.no_wide,
+            args.ledger) == (3, 21, 3, 256, False, False)
+    assert zero.parse_args(["--no-wide", "--ledger", "--rounds", "1"]).ledger
+    assert zero.n_params(zero.DEFAULT_HIDDEN) == 58_442  # 64-256-128-64-10
+    assert zero.n_params(zero.WIDE_HIDDEN) == 10_572_810 >= 10_000_000
+    assert zero.padding(58_442, 2) == 0 and zero.padding(58_442, 4) == 2
+    assert zero.padding(10_572_810, 4) == 2
+
+
+def test_zero_bench_report_of_a_fake_record(capsys):
+    """The table: medians, the ratios to stage 0, MB per rank (one figure when equal)."""
+    from mpnn.bench import zero
+
+    psi = 1_000_000
+
+    def stage(rate, p, g, o, comm):
+        b = {"params": [p] * 2, "grads": [g] * 2, "optimizer": [o] * 2}
+        return {"samples_per_s": [rate, rate / 2, rate * 2],
+                "rank_bytes": {**b, "comm": [comm, comm + 1_000_000], "activations": [1, 1]},
+                "rank_bytes_formula": b}
+
+    fake = {"ranks": 2, "batch": 256, "rounds": 3, "models": {"8,8": {
+        "params": psi, "epochs": 2, "stages": {"0": stage(1000, 4 * psi, 4 * psi, 8 * psi, 0),
+                                  "3": stage(500, 2 * psi, 2 * psi, 4 * psi, 3_000_000)}}}}
+    zero.report(fake)
+    lines = capsys.readouterr().out.splitlines()
+    assert "mpirun -n 2" in lines[0]
+    assert lines[2] == "--hidden 8,8 (1,000,000 parameters), --epochs 2"
+    st0, st3 = lines[4].split(), lines[5].split()
+    assert st0[:4] == ["0", "1,000", "[500,", "2,000]"]
+    assert st0[4:] == ["1.00", "4", "4", "8", "0/1", "16", "16", "1.00"]
+    assert st3[4:] == ["0.50", "2", "2", "4", "3/4", "8", "8", "0.50"]
+    zero.report("mpirun not found")
+    assert "not measured (mpirun not found)" in capsys.readouterr().out
+
+
+def test_zero_bench_end_to_end(capsys, tmp_path):
+    """python -m mpnn.bench.zero on a tiny model: the four stages at mpirun -n 2, the
+    model states shrinking stage by stage to the formula; one ledger run at -n 4 whose
+    last shard is short of the padding."""
+    from mpnn.bench import zero
+
+    if dp_worker.find_mpirun() is None:
+        pytest.skip("mpirun not found")
+    result = zero.measure({"32,32": 2}, batch=128, rounds=1)
+    zero.report(result)
+    assert "--hidden 32,32 (3,466 parameters)" in capsys.readouterr().out
+    stages = result["models"]["32,32"]["stages"]
+    states = [zero.model_states(stages[str(s)]["rank_bytes"])[0] for s in zero.STAGES]
+    assert states == [zero.model_states(stages[str(s)]["rank_bytes_formula"])[0]
+                      for s in zero.STAGES]  # 3,466 over 2 ranks: no padding, equal
+    psi = 3_466
+    assert states == [16 * psi, 8 * psi + 8 * psi // 2, 4 * psi + 12 * psi // 2, 16 * psi // 2]
+    assert all(stages[str(s)]["samples_per_s"][0] > 0 for s in zero.STAGES)
+    assert stages["0"]["rank_bytes"]["comm"] == [0, 0] and stages["3"]["rank_bytes"]["comm"][0]
+
+    led = zero.ledger(("32,32",), ranks=(4,), stages=(3,))
+    zero.ledger_report(led)
+    row = led["32,32"]["runs"]["4"]["3"]
+    assert row["padding"] == 2 and row["ok"]  # 3,466 = 4 x 867 - 2
+    assert row["diff"][-1] < 0 < row["diff"][0]
+    assert "yes" in capsys.readouterr().out

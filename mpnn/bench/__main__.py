@@ -23,6 +23,9 @@ float32) on ``mpnn.train``'s synthetic dataset and prints, measured in one run:
 * the wide-model case (``mpnn.bench.modes``): hidden 2048 x 3 at batch 256
   trained serially and with ``--tp 2``, ``--dp 2``, ``--pp 2`` at two ranks,
   with each rank's memory and bytes sent per step;
+* the ZeRO stages (``mpnn.bench.zero``): ``--zero 0`` to ``3`` at two ranks on
+  the default model and a 10.6M-parameter one (hidden 1024 x 11), Adam, with
+  samples/s and each rank's model-state bytes, measured and by the formula;
 * the targets mpnn aims for, met or missed.
 
 FLOPs of a step: the nominal count is 6·B·Σ I·O (forward, input gradient,
@@ -87,6 +90,8 @@ def parse_args(argv=None):
     a("--dp-batch", type=_positive_int, default=256, help="rows per rank in the DP measurement")
     a("--no-wide", action="store_true",
       help="skip the wide-model case (serial, --tp 2, --dp 2, --pp 2; python -m mpnn.bench.modes)")
+    a("--no-zero", action="store_true",
+      help="skip the ZeRO stages (--zero 0-3 at two ranks; python -m mpnn.bench.zero)")
     a("--json", metavar="PATH", help="also write the figures as JSON")
     return p.parse_args(argv)
 
@@ -156,6 +161,13 @@ def main(argv=None):
         report["wide_model"] = modes.measure()
         print()
         modes.report(report["wide_model"], "2048,2048,2048", 256)
+
+    if not args.no_zero:  # --zero 0-3 at two ranks, the default and a 10M-parameter model
+        from . import zero
+
+        report["zero"] = zero.measure()
+        print()
+        zero.report(report["zero"])
 
     report["targets"] = out.judge_targets(report)
     out.targets_section(report["targets"])
