@@ -108,7 +108,7 @@ def test_ratio_pairs():
 def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
-                   "--backends", "numpy,numba", "--no-dp", "--no-wide", "--no-zero",
+                   "--backends", "numpy,numba", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
                    "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
@@ -136,7 +136,7 @@ def test_targets_are_said_in_words():
 
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
-        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero"])
+        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero", "--no-sweep"])
 
 
 def test_dp_measurement_under_mpirun():
@@ -269,3 +269,22 @@ def test_zero_bench_end_to_end(capsys, tmp_path):
     assert row["padding"] == 2 and row["ok"]  # 3,466 = 4 x 867 - 2
     assert row["diff"][-1] < 0 < row["diff"][0]
     assert "yes" in capsys.readouterr().out
+
+
+def test_sweep_bench_reports_its_configurations(capsys, tmp_path):
+    """The sweep benchmark's table from a fake result (the real runs are minutes), and
+    the spec it writes is a valid sweep of 12 trials whose costs differ tenfold."""
+    from mpnn.bench import sweep as bench_sweep
+    from mpnn.sweep.plan import estimated_flops
+    from mpnn.sweep.spec import load_spec
+
+    result = {f"{n}/{g}/{s}": [(10.0 if s == "static" else 5.0, 4.5, 4.5, 4.0)] * 2
+              for n, g, s in bench_sweep.CONFIGS}
+    bench_sweep.report(result)
+    text = capsys.readouterr().out
+    assert text.count("dynamic") == 3 and "0.50 [0.50, 0.50]" in text and "1.11" in text
+    assert bench_sweep.main(["--write-spec", str(tmp_path / "s.toml")]) == 0
+    trials = load_spec(str(tmp_path / "s.toml"))
+    costs = [estimated_flops(t.config) for t in trials]
+    assert len(trials) == 12 and max(costs) == 10 * min(costs)
+    assert [c == max(costs) for c in costs] == [True, False, False, False] * 3

@@ -26,6 +26,9 @@ float32) on ``mpnn.train``'s synthetic dataset and prints, measured in one run:
 * the ZeRO stages (``mpnn.bench.zero``): ``--zero 0`` to ``3`` at two ranks on
   the default model and a 10.6M-parameter one (hidden 1024 x 11), Adam, with
   samples/s and each rank's model-state bytes, measured and by the formula;
+* the sweep (``mpnn.bench.sweep``): 12 trials whose costs differ tenfold,
+  static against dynamic scheduling at -n 4 (groups of 1 and 2) and -n 2,
+  makespans against the lower bound;
 * the targets mpnn aims for, met or missed.
 
 FLOPs of a step: the nominal count is 6·B·Σ I·O (forward, input gradient,
@@ -92,6 +95,8 @@ def parse_args(argv=None):
       help="skip the wide-model case (serial, --tp 2, --dp 2, --pp 2; python -m mpnn.bench.modes)")
     a("--no-zero", action="store_true",
       help="skip the ZeRO stages (--zero 0-3 at two ranks; python -m mpnn.bench.zero)")
+    a("--no-sweep", action="store_true",
+      help="skip the sweep's scheduling (static vs dynamic; python -m mpnn.bench.sweep)")
     a("--json", metavar="PATH", help="also write the figures as JSON")
     return p.parse_args(argv)
 
@@ -168,6 +173,13 @@ def main(argv=None):
         report["zero"] = zero.measure()
         print()
         zero.report(report["zero"])
+
+    if not args.no_sweep:  # load balancing: a skewed sweep, static vs dynamic
+        from . import sweep
+
+        report["sweep"] = sweep.measure()
+        print()
+        sweep.report(report["sweep"])
 
     report["targets"] = out.judge_targets(report)
     out.targets_section(report["targets"])
