@@ -364,6 +364,19 @@ def test_non_finite_run_stops_on_every_stage_with_the_zero0_message(grid, cause)
     finish(comm, d)
 
 
+def _guard_messages(run, comm, flat):
+    """Every rank's NonFiniteError message from the guard over its shard ``flat`` at
+    step 5 (None on the ranks that do not report: they raise PeerReportedError)."""
+    message = None
+    try:
+        guards.check_finite(run.model, 1.5, 5, 1, 5, comm.Get_rank(), None, None, comm, flat)
+    except PeerReportedError:
+        pass
+    except NonFiniteError as e:
+        message = str(e)
+    return comm.allgather(message)
+
+
 def _whole_message(idx, step=5):
     """The message a whole model (serial, or any --zero 0 replica) gives for NaN
     gradients at the flat indices ``idx``, carried into the parameters."""
@@ -404,14 +417,7 @@ def test_guard_names_a_layer_in_one_ranks_gradient_shard(stage, case):
     mine = [i for i in idx if sh.lo <= i < sh.hi]
     flat.grad[[i - sh.lo for i in mine]] = np.nan
     flat.data[...] += flat.grad
-    message = None
-    try:
-        guards.check_finite(run.model, 1.5, 5, 1, 5, rank, None, None, comm, flat)
-    except PeerReportedError:
-        pass
-    except NonFiniteError as e:
-        message = str(e)
-    every = comm.allgather(message)
+    every = _guard_messages(run, comm, flat)
     reporters = [r for r, m in enumerate(every) if m is not None]
     assert reporters == [owner], every
     expected = _whole_message(idx).replace("on rank 0", f"on rank {owner}")
@@ -434,14 +440,7 @@ def test_guard_names_the_layer_backward_reaches_first_across_ranks(stage):
     flat.grad[...] = 0.1
     flat.grad[5 - sh.lo if rank == 0 else 1000 - sh.lo] = np.nan
     flat.data[...] += flat.grad
-    message = None
-    try:
-        guards.check_finite(run.model, 1.5, 5, 1, 5, rank, None, None, comm, flat)
-    except PeerReportedError:
-        pass
-    except NonFiniteError as e:
-        message = str(e)
-    every = comm.allgather(message)
+    every = _guard_messages(run, comm, flat)
     assert every[0] is None and every[1] is not None, every
     whole = _whole_message([5, 1000]).replace("on rank 0", "on rank 1")
     assert "first in layers.2.weight (also layers.0.weight)" in whole
