@@ -107,6 +107,11 @@ def test_table_sorts_by_the_metric_and_lists_failures(tmp_path):
     assert lines[-1].startswith("failed 003") and lines[-1].endswith("boom")
     by_loss = table(rec, trials, "test_loss").splitlines()
     assert [ln.split()[1] for ln in by_loss[1:4]] == ["001", "002", "000"]
+    for r, speed in zip(rec, [3.0, 1.0, 2.0, 0.0], strict=True):
+        r["final"]["samples_per_s"] = speed
+    by_speed = table(rec, trials, "samples_per_s").splitlines()  # the fastest first
+    assert [ln.split()[1] for ln in by_speed[1:4]] == ["000", "002", "001"]
+    assert table(rec, trials, "train_loss").splitlines()[0].count("train_loss") == 1
     assert makespan(rec, 2) == (1.0, 2.0, 2.0, 1.0)
 
 
@@ -215,6 +220,18 @@ def test_resume_skips_the_trials_already_done(tmp_path):
     assert [json.loads(x) for x in kept] == again[:2]  # untouched
     status, text = sweep(spec, "--out", out, "--quiet")  # not --resume: refused
     assert status == 2 and "add --resume" in text, text
+
+
+def test_resume_with_identical_trials(tmp_path):
+    """Repeating a trial (run-to-run variance) is allowed, and resumes trial by trial."""
+    spec = _spec(tmp_path, "[base]\ndataset = 'digits'\nhidden = '8'\nepochs = 1\n"
+                           "[grid]\nlr = [0.01]\n[[trial]]\nlr = 0.01\n")
+    out = tmp_path / "out"
+    status, text = sweep(spec, "--out", out, "--quiet", ranks=2)
+    assert status == 0, text
+    assert "failed 0" not in text and "trial" in text
+    status, text = sweep(spec, "--out", out, "--resume", ranks=2)
+    assert status == 0 and "2 trials (2 done before)" in text, text
 
 
 @pytest.mark.parametrize("extra, spec_text, words", [

@@ -104,11 +104,11 @@ def prepare(argv, world_size, rank=0):
     if records and not args.resume:
         raise SpecError(f"--out {args.out} already holds the results of {len(records)} "
                         f"trial(s): add --resume to skip them, or give a new --out")
-    by_key = {t.key(): t for t in trials}
+    by_id = {t.id: t for t in trials}
     done = {}
     for r in records:
-        t = by_key.get(json.dumps(r["options"], sort_keys=True))
-        if t is None or t.id != r["id"]:
+        t = by_id.get(r["id"])
+        if t is None or t.key() != json.dumps(r["options"], sort_keys=True):
             raise SpecError(f"--out {args.out} holds trial {r['id']} with options that this "
                             f"spec does not give at that place (another spec?): use a new --out")
         done[t.index] = r
@@ -127,7 +127,7 @@ def main(argv=None):
 
 def _main(comm, argv):
     from ..runtime.threads import configure_threads
-    from .coordinate import Coordinator, ask, share
+    from .coordinate import Coordinator, ask, share, wait_buffer
     from .trial import run_trial
 
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -168,7 +168,7 @@ def _main(comm, argv):
 
         coordinator = Coordinator(ctl, plan, n_groups, on_result)
         coordinator.start()
-    comm.Barrier()
+    wait_buffer(comm.Ibarrier())  # (polled: a blocking MPICH wait spins its core)
     t0 = time.perf_counter()  # every rank's clock from here: start and end times line up
     result = None
     while True:
@@ -187,7 +187,7 @@ def _main(comm, argv):
         status = _report(sweep, records, n_groups)
     ctl.Free()
     group.Free()
-    return comm.bcast(status, root=0)
+    return share(comm, status)  # polled: the done ranks must not spin beside a last trial
 
 
 def warm_up_trials(trials):

@@ -93,7 +93,7 @@ class Coordinator:
         """Group 0 (world rank 0's own): record ``result``, take the next trial."""
         with self._lock:
             if result is not None:
-                self.on_result(result)
+                self._record(result)
             return self._assign(0)
 
     def finish(self):
@@ -118,11 +118,26 @@ class Coordinator:
             source = self._status.Get_source()
             group, result = self.ctl.recv(source=source, tag=REQUEST)
             if result is not None:
-                self.on_result(result)
+                self._record(result)
             k = self._assign(group)
             self._sends.append(self.ctl.isend(STOP if k is None else k, dest=source,
                                               tag=ASSIGN))
         self._sends = [r for r in self._sends if not r.Test()]
+
+    def _record(self, result):
+        """``on_result``; if it fails (results.jsonl unwritable, the disk full), the
+        sweep cannot keep its promise to record every trial: end the whole job, as
+        the groups waiting for an answer would otherwise wait for ever."""
+        try:
+            self.on_result(result)
+        except Exception as e:  # noqa: BLE001 - reported, then the job ends
+            from ..runtime.agree import say
+
+            say(f"mpnn.sweep: error: cannot record the result of trial {result['id']}: "
+                f"{type(e).__name__}: {e}; the trials recorded so far are in results.jsonl "
+                f"(continue with --resume)")
+            time.sleep(0.2)
+            MPI.COMM_WORLD.Abort(1)
 
     def _assign(self, group):
         k = self.plan.next(group)

@@ -50,13 +50,14 @@ def rewrite_results(path, records):
 
 
 def higher_is_better(metric):
-    return "loss" not in metric and not metric.endswith("_s")
+    """Accuracy and samples/s sort highest first; losses and times lowest first."""
+    return "loss" not in metric and metric != "epoch_time_s"
 
 
 def table(records, trials, metric):
     """The final table: finished trials sorted by ``metric`` (best first), then the
     failed ones with their errors."""
-    keys = varying(trials) or ["id"]
+    keys = varying(trials)  # the options that tell the trials apart (none: just the ids)
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
     missing = [r for r in ok if metric not in r["final"]]
@@ -65,16 +66,17 @@ def table(records, trials, metric):
         raise ValueError(f"--metric {metric}: not in the trials' metrics; choose one of "
                          f"{', '.join(known)}")
     ok.sort(key=lambda r: r["final"][metric], reverse=higher_is_better(metric))
-    head = ["#", "trial", *keys, metric, "train_loss", "wall s", "group"]
+    also = [] if metric == "train_loss" else ["train_loss"]
+    head = ["#", "trial", *keys, metric, *also, "wall s", "group"]
     rows = [[str(n), r["id"], *[_show(r["options"].get(k)) for k in keys],
-             f"{r['final'][metric]:.4f}", f"{r['final'].get('train_loss', float('nan')):.4f}",
+             *[f"{r['final'].get(m, float('nan')):.4f}" for m in (metric, *also)],
              f"{r['wall_s']:.1f}", str(r["group"])] for n, r in enumerate(ok, 1)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True))
              for row in [head, *rows]]
     for r in failed:
         shown = ", ".join(f"{k}={_show(r['options'].get(k))}" for k in keys)
-        lines.append(f"failed {r['id']} ({shown}): {r['error']}")
+        lines.append(f"failed {r['id']}" + (f" ({shown})" if shown else "") + f": {r['error']}")
     return "\n".join(lines)
 
 
