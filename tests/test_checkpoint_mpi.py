@@ -75,21 +75,26 @@ def test_pipeline_checkpoint_gathers_the_serial_state():
     d = shared_dir(comm)
     argv = BASE + ["--epochs", "1", "--checkpoint-every", "7", "--checkpoint-keep", "0"]
     run(argv + ["--pp", "2", "--micro-batches", "3", "--checkpoint-dir", f"{d}/pipe"], comm)
-    if comm.Get_rank() == 0:
-        run(argv + ["--checkpoint-dir", f"{d}/serial"], None)
-        pipe = ck.read_checkpoint(ck.checkpoint_path(f"{d}/pipe", 7))
-        ser = ck.read_checkpoint(ck.checkpoint_path(f"{d}/serial", 7))
-        assert pipe.meta["grid"] == {"dp": 1, "pp": 2, "tp": 1}
-        assert ser.meta["grid"] == {"dp": 1, "pp": 1, "tp": 1}
-        for key in ("step", "epoch", "batch", "optimizer_t", "config"):
-            assert pipe.meta[key] == ser.meta[key], key
-        assert pipe.meta["epoch_loss_sum"] == pytest.approx(ser.meta["epoch_loss_sum"], rel=1e-12)
-        for name in ser.params:
-            np.testing.assert_allclose(pipe.params[name], ser.params[name], rtol=0, atol=1e-12)
-        for name in ("m", "v"):
-            np.testing.assert_allclose(pipe.optim[name], ser.optim[name], rtol=0, atol=1e-12)
-        shutil.rmtree(d)
-    comm.Barrier()
+    try:  # (a failed assert on rank 0 must not leave rank 1 waiting in the barrier)
+        if comm.Get_rank() == 0:
+            run(argv + ["--checkpoint-dir", f"{d}/serial"], None)
+            pipe = ck.read_checkpoint(ck.checkpoint_path(f"{d}/pipe", 7))
+            ser = ck.read_checkpoint(ck.checkpoint_path(f"{d}/serial", 7))
+            assert pipe.meta["grid"] == {"dp": 1, "pp": 2, "tp": 1, "zero": 0}
+            assert ser.meta["grid"] == {"dp": 1, "pp": 1, "tp": 1, "zero": 0}
+            for key in ("step", "epoch", "batch", "optimizer_t", "config"):
+                assert pipe.meta[key] == ser.meta[key], key
+            assert pipe.meta["epoch_loss_sum"] == pytest.approx(ser.meta["epoch_loss_sum"],
+                                                                rel=1e-12)
+            for name in ser.params:
+                np.testing.assert_allclose(pipe.params[name], ser.params[name], rtol=0,
+                                           atol=1e-12)
+            for name in ("m", "v"):
+                np.testing.assert_allclose(pipe.optim[name], ser.optim[name], rtol=0,
+                                           atol=1e-12)
+            shutil.rmtree(d)
+    finally:
+        comm.Barrier()
     comm.Free()
 
 
