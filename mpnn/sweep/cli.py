@@ -88,7 +88,7 @@ def prepare(argv, world_size, rank=0):
             raise SpecError(f"{args.spec}: trial {t.id} does not fit a group of {g} rank(s): "
                             f"{e}; change --group-size or the trial's dp/pp/tp") from None
     try:
-        os.makedirs(os.path.join(args.out, "trials"), exist_ok=True)
+        os.makedirs(args.out, exist_ok=True)  # (a --plot under it is checked next)
     except OSError as e:
         raise SpecError(f"--out {args.out}: cannot create it ({e.strerror or e})") from None
     if args.plot:
@@ -100,6 +100,10 @@ def prepare(argv, world_size, rank=0):
             image_format(args.plot, "--plot")
         except ValueError as e:
             raise SpecError(str(e)) from None
+    try:
+        os.makedirs(os.path.join(args.out, "trials"), exist_ok=True)
+    except OSError as e:
+        raise SpecError(f"--out {args.out}: cannot write there ({e.strerror or e})") from None
     records = read_results(os.path.join(args.out, "results.jsonl"))
     if records and not args.resume:
         raise SpecError(f"--out {args.out} already holds the results of {len(records)} "
