@@ -106,11 +106,6 @@ class Ring:
         self._at[end] = (k, n)
         return self.buf[:n] if end == 0 else self.buf[self.size - n:]
 
-    def fits(self, k, n):
-        """Whether unit k of ``n`` elements fits beside the unit at the other end."""
-        held = self._at[1 - k % 2]
-        return held is None or held[1] + n <= self.size
-
     def forget(self):
         self._at = [None, None]
 
