@@ -189,7 +189,7 @@ class Zero:
 
     # ------------------------------------------------- whole-model views
 
-    def gather_whole(self, part):
+    def gather_slices(self, part):
         """This rank's (real,) host slice -> the whole (Ψ,) array on rank 0 of
         ``comm`` (None elsewhere): one Gatherv."""
         sh = self.shards
@@ -205,7 +205,7 @@ class Zero:
         """The stage's whole flat parameters on rank 0 of ``comm`` (None elsewhere)."""
         if self.stage < 3:
             return self.model.flat.data.copy() if self.root else None
-        return self.gather_whole(self.param_shard)
+        return self.gather_slices(self.param_shard)
 
     def state_dict(self):
         """Named whole-model tensors on rank 0 of ``comm``, {} elsewhere (collective)."""
@@ -291,5 +291,5 @@ class ZeroOptimizer:
         data-parallel group (host arrays), None on the other ranks (collective)."""
         whole = {"params": self.zero.whole_params()}
         for name, a in self.inner.state().items():
-            whole[name] = self.zero.gather_whole(a)
+            whole[name] = self.zero.gather_slices(a)
         return whole if self.zero.root else None

@@ -1,5 +1,6 @@
 """Failure is loud and collective: every rank agrees on an outcome, or the job aborts.
 
+    gather_outcome(comm, step)        run ``step`` everywhere, every rank's outcome
     on_every_rank(comm, step, prog)   before the first collective of training: run
                                       ``step`` everywhere, then agree; a failure on any
                                       rank ends every rank with one message, status 2
@@ -19,6 +20,29 @@ import time
 ABORT_GRACE_S = 0.2  # seconds between the last error line and MPI_Abort
 
 
+def gather_outcome(comm, step, deferred=()):
+    """Run ``step()`` here and gather every rank's outcome (collective over ``comm``).
+
+    Returns (errors, result): errors[r] is None where rank r succeeded, an exit
+    status where it raised SystemExit (argparse printed the problem), else its
+    message; an exception of a ``deferred`` type counts as "" (failed, another
+    rank holds the message). ``result`` is this rank's (None if it failed)."""
+    error, result = None, None
+    try:
+        result = step()
+    except deferred:
+        error = ""
+    except SystemExit as e:  # argparse already printed usage and the problem
+        error = e.code or 0
+    except UnicodeError as e:  # a name the output's encoding cannot show
+        error = (f"{type(e).__name__}: {e} (a file name that this output's encoding cannot "
+                 f"show: set PYTHONIOENCODING=utf-8:surrogateescape, or rename the file)")
+    except Exception as e:  # noqa: BLE001 - reported to the user
+        error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, OSError)) else str(e)
+    errors = comm.allgather(error) if comm.Get_size() > 1 else [error]
+    return errors, result
+
+
 def on_every_rank(comm, step, prog="mpnn.train"):
     """Run ``step()`` on every rank of ``comm`` and agree on the outcome.
 
@@ -27,17 +51,7 @@ def on_every_rank(comm, step, prog="mpnn.train"):
     and every rank gets (exit status, None): the job ends together instead of
     some ranks waiting in a collective the failed ones never reach.
     """
-    error, result = None, None
-    try:
-        result = step()
-    except SystemExit as e:  # argparse already printed usage and the problem
-        error = e.code or 0
-    except UnicodeError as e:  # a name the output's encoding cannot show
-        error = (f"{type(e).__name__}: {e} (a file name that this output's encoding cannot "
-                 f"show: set PYTHONIOENCODING=utf-8:surrogateescape, or rename the file)")
-    except Exception as e:  # noqa: BLE001 - reported to the user, then exit
-        error = f"{type(e).__name__}: {e}" if not isinstance(e, (ValueError, OSError)) else str(e)
-    errors = comm.allgather(error) if comm.Get_size() > 1 else [error]
+    errors, result = gather_outcome(comm, step)
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if not failed:
         return None, result

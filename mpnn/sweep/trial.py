@@ -25,6 +25,7 @@ import json
 import os
 import time
 
+from ..runtime.agree import gather_outcome
 from ..runtime.config import validate
 from ..runtime.guards import PeerReportedError
 from ..runtime.loop import train
@@ -40,22 +41,13 @@ def trial_dir(out, trial):
 
 
 def _agreed(comm, step):
-    """(error, value): ``step()`` on every rank of ``comm``; error is the first
-    rank's message when any rank raised (the same on every rank), else None."""
-    error, value = None, None
-    try:
-        value = step()
-    except PeerReportedError as e:  # another rank holds the message
-        error = ("", str(e))
-    except Exception as e:  # noqa: BLE001 - the trial's failure, recorded
-        error = (f"{type(e).__name__}: {e}" if not isinstance(e, ValueError | OSError)
-                 else str(e), None)
-    errors = comm.allgather(error) if comm.Get_size() > 1 else [error]
-    messages = [e[0] for e in errors if e is not None and e[0]]
-    if messages:
-        return messages[0], None
-    if any(e is not None for e in errors):
-        return next(e[1] for e in errors if e is not None), None
+    """(error, value): ``step()`` on every rank of ``comm`` (``runtime.agree``);
+    error is the first rank's message when any rank failed (the same on every
+    rank), else None. A PeerReportedError defers to the rank that reports."""
+    errors, value = gather_outcome(comm, step, deferred=PeerReportedError)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        return next((str(e) for e in failed if e), "failed on another rank"), None
     return None, value
 
 
