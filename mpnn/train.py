@@ -104,6 +104,9 @@ def build_parser():
     a("--dataset", default="digits", choices=DATASETS,
       help="training data (default: digits, offline)")
     a("--data-dir", default=None, help="directory holding the IDX files (or <dir>/<dataset>/)")
+    a("--shared-data", action=argparse.BooleanOptionalAction, default=True,
+      help="one copy of the dataset per node in MPI shared memory, read by all its ranks "
+           "(default; --no-shared-data: every rank loads its own)")
     a("--hidden", type=_hidden_sizes, default=(256, 128, 64), help="hidden sizes, e.g. 256,128,64")
     a("--activation", default="relu", choices=HIDDEN_ACTIVATIONS)
     a("--loss", default="cross_entropy", choices=LOSS_NAMES)
@@ -124,6 +127,9 @@ def build_parser():
     a("--bucket-mb", type=nonneg_float, default=0.1,
       help="data parallel: overlap the gradient Allreduce (under --zero: reduce-scatter) "
            "with backward in buckets of this many MB (0 = one call after backward)")
+    a("--allreduce", default="flat", choices=("flat", "hierarchical"),
+      help="how gradients are summed over the replicas: flat (one MPI Allreduce, default) or "
+           "hierarchical (shared memory inside each node, then one Allreduce between nodes)")
     a("--threads", type=_thread_count, default=None,
       help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
@@ -180,13 +186,13 @@ def build_parser():
 def config_from_args(ns):
     """The typed run configuration of a parsed command line."""
     return RunConfig(
-        data=DataConfig(ns.dataset, ns.data_dir),
+        data=DataConfig(ns.dataset, ns.data_dir, ns.shared_data),
         model=ModelConfig(tuple(ns.hidden), ns.activation, ns.loss, ns.dtype, ns.backend, ns.init),
         optim=OptimConfig(ns.optimizer, ns.lr, ns.lr_schedule, ns.momentum, ns.nesterov,
                           ns.weight_decay),
         parallel=ParallelConfig(ns.dp, ns.pp, ns.tp, ns.micro_batches, ns.schedule,
                                 ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads,
-                                ns.zero),
+                                ns.zero, ns.allreduce),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),
@@ -241,6 +247,8 @@ def _main(comm, argv):
         status, run = on_every_rank(comm, lambda: setup(config, comm))  # collectives from here
         if status is not None:
             return status
+        if run.data_note and not config.output.quiet:  # from the node's first rank
+            print(run.data_note, file=sys.stderr, flush=True)
         status, _ = on_every_rank(comm, lambda: _banner(run, held) if rank == 0 else None)
         if status is not None:
             return status
@@ -265,8 +273,10 @@ def _banner(run, held=()):
     if not config.output.quiet:
         if run.thread_warning:
             print(run.thread_warning, file=sys.stderr)
+        shared = f", one copy per node in shared memory ({data.nbytes / 1e6:.1f} MB)" \
+            if data.owner is not None else ""
         print(f"mpnn: {config.data.dataset} ({data.x_train.shape[0]} train / "
-              f"{data.x_test.shape[0]} test), MLP {'-'.join(map(str, model.sizes))} "
+              f"{data.x_test.shape[0]} test{shared}), MLP {'-'.join(map(str, model.sizes))} "
               f"{m.activation}, {o.optimizer} lr {o.base_lr}, batch {config.batch_size}, "
               f"{run.grid.world.Get_size()} rank(s) x {run.threads} thread(s), "
               f"{model.ops.name} backend, {m.dtype}", flush=True)

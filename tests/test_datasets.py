@@ -278,13 +278,15 @@ download.FILES["mnist"] = json.loads(sys.argv[1])
 datasets.search_dirs = lambda name, data_dir=None: []  # only this rank's download cache
 from mpnn.train import main
 sys.exit(main(["--dataset", "mnist", "--quiet", "--epochs", "1", "--hidden", "8",
-               "--batch-size", "2"]))
+               "--batch-size", "2", *sys.argv[2:]]))
 """
 
 
 def test_ranks_with_their_own_cache_download_for_themselves(mirror, tmp_path):
     # nodes with separate home directories: rank 1 does not see what rank 0
-    # fetched, and must fetch it too (not fail with "downloading is disabled")
+    # fetched, and must fetch it too (not fail with "downloading is disabled").
+    # Both ranks are on this machine, one node, so --no-shared-data makes each
+    # load for itself as the first rank of a node does (test_multihost has real nodes).
     served, url = mirror
     _write_idx_dir(served, 42, gz=True)
     sums = {f"{s}.gz": hashlib.sha256((served / f"{s}.gz").read_bytes()).hexdigest()
@@ -297,7 +299,8 @@ def test_ranks_with_their_own_cache_download_for_themselves(mirror, tmp_path):
     for i, home in enumerate(homes):  # MPMD: one rank per "node", each with its HOME
         home.mkdir()
         cmd += ([":"] if i else []) + ["-n", "1", "-env", "HOME", str(home), sys.executable,
-                                       "-c", PER_NODE_CACHE_RUN, json.dumps(sums)]
+                                       "-c", PER_NODE_CACHE_RUN, json.dumps(sums),
+                                       "--no-shared-data"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     for home in homes:
@@ -382,3 +385,29 @@ def test_real_data(name, mean_train, mean_test, require_data):
     assert set(np.unique(ds.y_train)) == set(range(10))
     assert ds.x_train.mean(dtype=np.float64) == pytest.approx(mean_train, abs=1e-7)
     assert ds.x_test.mean(dtype=np.float64) == pytest.approx(mean_test, abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compact_features_are_the_float_forms_bits(roots, dtype):
+    """compact=True keeps uint8 pixels (synthetic: float32); the features a step gathers
+    are bit for bit the float form's rows, for every dataset."""
+    root = _write_idx_dir(roots["tmp"] / "data", 3, n_train=9, n_test=5)
+    rng = np.random.default_rng(0)  # every pixel value, so every division is exercised
+    write_idx(root / "train-images-idx3-ubyte", rng.integers(0, 256, (9, 28, 28), np.uint8))
+    write_idx(root / "t10k-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28), np.uint8))
+    for stale in root.glob("*images*.gz"):
+        stale.unlink()
+    cases = [("digits", {}), ("synthetic", {"synthetic_size": (50, 7)}),
+             ("fashion-mnist", {"data_dir": root})]
+    for name, kw in cases:
+        whole = load_dataset(name, dtype=dtype, download=False, **kw)
+        compact = load_dataset(name, dtype=dtype, download=False, compact=True, **kw)
+        stored = np.float32 if name == "synthetic" else np.uint8
+        assert compact.x_train.dtype == stored and compact.feature_dtype == dtype
+        assert compact.nbytes < whole.nbytes or name == "synthetic" and dtype == np.float32
+        rows = np.array([4, 0, 3, 3])
+        got = compact.train_features(rows)
+        assert got.dtype == dtype and np.array_equal(got, whole.x_train[rows])
+        assert np.array_equal(compact.test_features(1, 4), whole.x_test[1:4])
+        assert np.array_equal(compact.y_train, whole.y_train)
+        assert repr(compact).startswith(f"Dataset({name!r}")

@@ -120,7 +120,7 @@ def test_executor_live_micro_batches_match_simulator(schedule):
     grid, data, model = run.grid, run.data, run.model
     stages = [range(i, i + 1) for i in range(4)]
     engine = PipelineEngine(model, "cross_entropy", grid, schedule, m, stages)
-    engine.train_step(data.x_train[:50], data.y_train[:50], 1 / 50)
+    engine.train_step(data.train_features(slice(0, 50)), data.y_train[:50], 1 / 50)
     expected = m if schedule == "gpipe" else min(p - grid.pp_rank, m)
     simulated = simulate(make_schedule(schedule, p, m)).peak_live[grid.pp_rank]
     assert engine.peak_live == expected == simulated
@@ -169,10 +169,10 @@ def test_host_staged_messages_match_direct(schedule):
         # replicas, so one of replica 1's three micro-batches is empty
         for rows in (37, 37, 5):
             lo, hi = share_bounds(rows, grid.dp_rank, 2)
-            x = data.x_train[lo:hi] if engine.needs_inputs else None
+            x = data.train_features(slice(lo, hi)) if engine.needs_inputs else None
             loss = engine.train_step(x, data.y_train[lo:hi], 1.0 / rows)
             steps.append((loss, model.flat.grad.copy()))
-        x_test = data.x_test[:300] if engine.needs_inputs else None
+        x_test = data.test_features(0, 300) if engine.needs_inputs else None
         steps.append(engine.evaluate(x_test, data.y_test[:300], chunk=128))
         results.append(steps)
     direct, staged = results

@@ -68,7 +68,8 @@ def test_plain_sgd_is_w_minus_lr_times_mean_gradient():
     run = build_run(argv)
     data, model = run.data, run.model
     ref = MLP(model.sizes, dtype=np.float64, seed=0)
-    x, y = data.x_train, data.y_train  # one batch: the epoch's order does not change the mean
+    # one batch: the epoch's order does not change the mean
+    x, y = data.train_features(slice(None)), data.y_train
     ctx = Context()
     logits = ref.forward(x, ctx)
     d = np.empty_like(logits)

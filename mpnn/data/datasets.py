@@ -7,7 +7,13 @@ Shape legend
 
 Every dataset is a :class:`Dataset` with ``x_train (N, D)`` in the requested
 float dtype, ``y_train (N,)`` int64 in ``[0, C)``, and the same for the test
-split. Features lie in ``[0, 1]``:
+split. Features lie in ``[0, 1]``. With ``compact=True`` (what the trainer
+loads) the images stay in their stored form: the pixels as uint8 with a
+``divisor`` (255, or 16 for digits), the synthetic set as float32, and
+``Dataset.train_features(rows)`` computes the features of the rows a step
+gathers, bit for bit the values the float form holds (the same conversion and
+division, row by row). A quarter of the float32 bytes, and the form a node
+shares once in MPI shared memory (``data.shared``):
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 samples, D = 64,
   offline), pixels / 16. A fixed split, independent of any training seed:
@@ -42,7 +48,7 @@ split. Features lie in ``[0, 1]``:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +56,7 @@ import numpy as np
 from .download import fetch
 from .idx import DataError, load_idx_pair
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "search_dirs", "locate_idx"]
+__all__ = ["DATASETS", "Dataset", "load_dataset", "expand", "search_dirs", "locate_idx"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "synthetic")
 
@@ -85,6 +91,9 @@ class Dataset:
     x_test: np.ndarray = field(repr=False)
     y_test: np.ndarray = field(repr=False)
     num_classes: int
+    divisor: int | None = None  # compact: x holds integers, the features are x / divisor
+    dtype: object = None  # the features' dtype (None: x's own)
+    owner: object = field(default=None, repr=False, compare=False)  # holds x's memory (a window)
 
     def __post_init__(self):
         for split, x, y in (("train", self.x_train, self.y_train),
@@ -100,19 +109,47 @@ class Dataset:
     def n_features(self) -> int:
         return self.x_train.shape[1]
 
+    @property
+    def feature_dtype(self):
+        return np.dtype(self.dtype if self.dtype is not None else self.x_train.dtype)
+
+    def train_features(self, rows):
+        """Features (b, D) of training ``rows`` (an index array or a slice), a new array
+        (a slice of float-form data may be a view, never written through)."""
+        return self._features(self.x_train[rows])
+
+    def test_features(self, start=0, stop=None):
+        """Features (b, D) of test rows [start, stop)."""
+        return self._features(self.x_test[start:stop])
+
+    def _features(self, x):
+        out = x.astype(self.feature_dtype, copy=False)  # (b, D)
+        if self.divisor is not None:
+            out /= self.divisor  # as the float form: a conversion, then one division
+        return out
+
+    @property
+    def nbytes(self):
+        """Bytes of the four arrays as stored."""
+        return sum(int(a.nbytes) for a in (self.x_train, self.y_train, self.x_test, self.y_test))
+
     def __repr__(self):
         return (f"Dataset({self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
-                f"num_classes={self.num_classes}, dtype={self.x_train.dtype})")
+                f"num_classes={self.num_classes}, dtype={self.feature_dtype}"
+                + (f", stored as {self.x_train.dtype} / {self.divisor}" if self.divisor else "")
+                + ")")
 
 
 def load_dataset(name, data_dir=None, dtype=np.float32, download=True, progress=True,
-                 synthetic_size=None) -> Dataset:
+                 synthetic_size=None, compact=False) -> Dataset:
     """Load dataset ``name`` (one of DATASETS) as a Dataset with features in ``dtype``.
 
     data_dir: a directory searched first for IDX datasets (see the module doc).
     download: fetch a missing IDX dataset from the public mirrors.
     progress: show a progress bar while downloading.
     synthetic_size: (n_train, n_test) for ``synthetic`` only.
+    compact: keep the stored form (uint8 pixels and a divisor; float32 for
+        synthetic) and serve features through ``train_features`` / ``test_features``.
     Raises DataError saying what is wrong and how to fix it.
     """
     if name not in DATASETS:
@@ -123,31 +160,41 @@ def load_dataset(name, data_dir=None, dtype=np.float32, download=True, progress=
     if synthetic_size is not None and name != "synthetic":
         raise DataError(f"synthetic_size applies to the synthetic dataset only, not {name!r}")
     if name == "digits":
-        return _digits(dtype)
-    if name == "synthetic":
-        return _synthetic(dtype, SYNTHETIC_SIZE if synthetic_size is None else synthetic_size)
-    return _idx_dataset(name, data_dir, dtype, download, progress)
+        data = _digits()
+    elif name == "synthetic":
+        data = _synthetic(SYNTHETIC_SIZE if synthetic_size is None else synthetic_size)
+    else:
+        data = _idx_dataset(name, data_dir, download, progress)
+    data = replace(data, dtype=dtype)
+    return data if compact else expand(data)
+
+
+def expand(data: Dataset) -> Dataset:
+    """The float form of a compact Dataset (features computed for every row)."""
+    if data.divisor is None and data.x_train.dtype == data.feature_dtype:
+        return replace(data, dtype=None)
+    return replace(data, x_train=data.train_features(slice(None)),
+                   x_test=data.test_features(), divisor=None, dtype=None, owner=None)
 
 
 # -------------------------------------------------------------------------- digits
 
 
-def _digits(dtype) -> Dataset:
+def _digits() -> Dataset:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no network
 
     bunch = load_digits()
-    x = bunch.data.astype(dtype)  # (1797, 64), integers 0..16
-    x /= 16
+    x = bunch.data.astype(np.uint8)  # (1797, 64), integers 0..16
     y = bunch.target.astype(np.int64)  # (1797,)
     perm = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(y))
     test, train = perm[:DIGITS_N_TEST], perm[DIGITS_N_TEST:]
-    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10)
+    return Dataset("digits", x[train], y[train], x[test], y[test], num_classes=10, divisor=16)
 
 
 # ----------------------------------------------------------------------- synthetic
 
 
-def _synthetic(dtype, size) -> Dataset:
+def _synthetic(size) -> Dataset:
     try:
         n_train, n_test = (int(n) for n in size)
     except (TypeError, ValueError):
@@ -168,7 +215,7 @@ def _synthetic(dtype, size) -> Dataset:
             block *= SYNTHETIC_NOISE
             block += prototypes[y[start:start + 2048]]
             np.clip(block, 0, 1, out=block)
-        return x.astype(dtype, copy=False), y
+        return x, y
 
     x_train, y_train = split(train_seed, n_train)
     x_test, y_test = split(test_seed, n_test)
@@ -271,7 +318,7 @@ def locate_idx(name, data_dir=None):
     return None, notes
 
 
-def _idx_dataset(name, data_dir, dtype, download, progress) -> Dataset:
+def _idx_dataset(name, data_dir, download, progress) -> Dataset:
     directory, notes = locate_idx(name, data_dir)
     if directory is None:
         searched = "\n  ".join(notes)
@@ -287,17 +334,17 @@ def _idx_dataset(name, data_dir, dtype, download, progress) -> Dataset:
                             f"MPNN_MIRROR to a reachable mirror, or {_FIX}") from e
     files, _ = _find_files(directory)
     x_train, y_train = _load_split(files["train-images-idx3-ubyte"],
-                                   files["train-labels-idx1-ubyte"], dtype)
+                                   files["train-labels-idx1-ubyte"])
     x_test, y_test = _load_split(files["t10k-images-idx3-ubyte"],
-                                 files["t10k-labels-idx1-ubyte"], dtype)
+                                 files["t10k-labels-idx1-ubyte"])
     if x_train.shape[1] != x_test.shape[1]:
         raise DataError(f"{directory}: training images have {x_train.shape[1]} pixels each, "
                         f"test images {x_test.shape[1]}: the files come from different datasets")
-    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=10)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=10, divisor=255)
 
 
-def _load_split(images_path, labels_path, dtype):
-    """x (N, D) = flattened pixels / 255, y (N,) int64."""
+def _load_split(images_path, labels_path):
+    """x (N, D) uint8 flattened pixels (the features are x / 255), y (N,) int64."""
     images, labels = load_idx_pair(images_path, labels_path, num_classes=10)
     if images.dtype != np.uint8:
         raise DataError(f"{images_path}: expected unsigned-byte pixels (IDX code 0x08), "
@@ -307,6 +354,4 @@ def _load_split(images_path, labels_path, dtype):
     if images[0].size == 0:
         raise DataError(f"{images_path}: its images have no pixels (dimensions "
                         f"{' x '.join(map(str, images.shape[1:]))})")
-    x = images.reshape(len(images), -1).astype(dtype)  # (N, D)
-    x /= 255
-    return x, labels
+    return images.reshape(len(images), -1), labels  # (N, D) uint8

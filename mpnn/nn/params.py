@@ -94,6 +94,16 @@ class FlatParams:
     def zero_grad(self):
         self.grad.fill(0)
 
+    def bind_grad(self, buffer):
+        """Move the gradient into ``buffer`` (Ψ elements of this dtype, e.g. a shared-memory
+        window), values kept; every named view follows."""
+        if buffer.shape != self.grad.shape or buffer.dtype != self.dtype:
+            raise ValueError(f"bind_grad: need a ({self.layout.numel},) {self.dtype} buffer, "
+                             f"got {buffer.shape} {buffer.dtype}")
+        buffer[...] = self.grad
+        self.grad = buffer
+        self.grads = self.layout.views(buffer)
+
     def state_dict(self):
         """Host copies of every named tensor (for ``--save``)."""
         return {name: _to_host(v).copy() for name, v in self.params.items()}

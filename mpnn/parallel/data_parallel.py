@@ -168,6 +168,26 @@ class BucketedGradientSync:
             MPI.Request.Testall(started)
 
 
+ALLREDUCES = ("flat", "hierarchical")
+
+
+def make_gradient_sync(comm, model, bucket_mb=0.0, allreduce="flat"):
+    """The gradient sum of ``model``'s flat buffer over ``comm``: one MPI Allreduce
+    (``flat``), or shared memory inside each node then messages between nodes
+    (``hierarchical``, ``parallel.hierarchical``); overlapped with backward in
+    buckets when ``bucket_mb`` > 0, else one call after backward."""
+    if allreduce == "hierarchical":
+        from .hierarchical import HierarchicalGradientSync
+
+        return HierarchicalGradientSync(comm, model.flat, model.layout, bucket_mb)
+    if allreduce != "flat":
+        raise ValueError(f"unknown --allreduce {allreduce!r}; choose one of "
+                         f"{', '.join(ALLREDUCES)}")
+    if bucket_mb > 0:  # overlapped with backward, bucket by bucket
+        return BucketedGradientSync(comm, model.flat.grad, model.layout, bucket_mb, model.ops)
+    return GradientSync(comm, model.flat.grad, model.ops)
+
+
 class Bucket:
     """A contiguous range [start, stop) of the flat buffer holding ``layers``
     (in the reverse order backward finishes them)."""
@@ -211,7 +231,8 @@ class DataParallelEngine:
 
     needs_inputs = True  # the trainer passes every replica its rows' features
 
-    def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER, zero=0):
+    def __init__(self, model, loss, dp_comm, bucket_mb=0.0, tracer=NULL_TRACER, zero=0,
+                 allreduce="flat"):
         self.model, self.loss = model, loss
         self.ops = model.ops
         self.tracer = tracer  # spans for --trace (a no-op by default)
@@ -223,11 +244,8 @@ class DataParallelEngine:
             self.zero = Zero(zero, model, dp_comm, bucket_mb, tracer=tracer)
             self.sync = self.zero.sync  # a reduce-scatter into this rank's gradient shard
             self._sync_span = "reduce-scatter"
-        elif bucket_mb > 0:  # overlapped with backward, bucket by bucket
-            self.sync = BucketedGradientSync(dp_comm, model.flat.grad, model.layout,
-                                             bucket_mb, self.ops)
         else:
-            self.sync = GradientSync(dp_comm, model.flat.grad, self.ops)
+            self.sync = make_gradient_sync(dp_comm, model, bucket_mb, allreduce)
         self.ctx = Context()
         self.dlogits = None
         # under tensor parallelism every shard computes the same loss: one reports it

@@ -65,7 +65,7 @@ from ..data.batching import share_bounds
 from ..nn.model import Context
 from ..nn.params import Layout
 from ..runtime.trace import NULL_TRACER
-from .data_parallel import GradientSync
+from .data_parallel import make_gradient_sync
 from .gather import gather_whole
 from .partition import format_partition
 from .pipeline_eval import evaluate
@@ -104,7 +104,8 @@ class PipelineEngine:
     """
 
     def __init__(self, model, loss, grid, schedule="1f1b", micro_batches=1, stages=None,
-                 tracer=NULL_TRACER, host_staging=None, virtual_stages=1, zero=0, bucket_mb=0.1):
+                 tracer=NULL_TRACER, host_staging=None, virtual_stages=1, zero=0, bucket_mb=0.1,
+                 allreduce="flat"):
         self.model, self.loss, self.ops = model, loss, model.ops
         self.tracer = tracer
         self.grid, self.comm, self.world = grid, grid.pp_comm, grid.world
@@ -132,7 +133,8 @@ class PipelineEngine:
             self.sync = self.zero.sync
             self._sync_span = "reduce-scatter"
         else:
-            self.sync = GradientSync(grid.dp_comm, model.flat.grad, self.ops)
+            # the step's accumulated gradient, summed after the last backward
+            self.sync = make_gradient_sync(grid.dp_comm, model, 0.0, allreduce)
         self._scratch = zero == 2  # backward writes bucket scratch, summed as it goes
         # under tensor parallelism every shard computes the same loss: one reports it
         self.reports = model.reports

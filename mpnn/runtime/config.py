@@ -42,6 +42,7 @@ class Every:
 class DataConfig:
     dataset: str = "digits"  # digits | mnist | fashion-mnist | synthetic
     data_dir: str | None = None  # directory holding the IDX files (or <dir>/<dataset>/)
+    shared: bool = True  # one copy per node in MPI shared memory (False: one per rank)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class ParallelConfig:
     bucket_mb: float = 0.1  # overlapped gradient Allreduce buckets (0: one blocking call)
     threads: int | None = None  # BLAS/numba threads per rank (None: this rank's cores)
     zero: int = 0  # ZeRO stage: 0 replicated, 1-3 shard optimizer state, gradients, parameters
+    allreduce: str = "flat"  # gradient sum: flat (one MPI Allreduce) | hierarchical (per node)
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,15 @@ def validate(config, world_size):
                           par.tp, par.schedule, m.backend)
     except ZeroConfigError as e:
         raise ConfigError(str(e)) from None
+    if par.allreduce not in ("flat", "hierarchical"):
+        raise ConfigError(f"unknown --allreduce {par.allreduce!r}; choose flat or hierarchical")
+    if par.allreduce == "hierarchical" and par.zero:
+        raise ConfigError(f"--allreduce hierarchical sums whole gradients and --zero {par.zero} "
+                          f"reduce-scatters them into shards: use one or the other")
+    if par.allreduce == "hierarchical" and m.backend == "cupy":
+        raise ConfigError("--allreduce hierarchical sums host (NumPy) buffers in shared memory "
+                          "and --backend cupy keeps them on the GPU: use --backend numba or "
+                          "--allreduce flat")
     if o.lr is not None and o.lr == 0:
         raise ConfigError("--lr 0 would not train; give a positive learning rate")
     if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):

@@ -41,7 +41,7 @@ def train_batch(engine, optimizer, ops, data, rows, global_batch, lr, tracer=NUL
     reads features; every rank gets its labels. The gradient is scaled by
     ``1/global_batch`` here, once; the optimizer then steps with ``lr``.
     """
-    x = ops.to_device(data.x_train[rows]) if engine.needs_inputs else None  # (b, I)
+    x = ops.to_device(data.train_features(rows)) if engine.needs_inputs else None  # (b, I)
     labels = ops.to_device(data.y_train[rows])  # (b,)
     loss = engine.train_step(x, labels, 1.0 / global_batch)
     with tracer.span("optimizer", step=step + 1):
@@ -156,8 +156,6 @@ def train(run, log=print):
         return learning_rate(o.lr_schedule, base_lr, s, total_steps)
 
     t_lo, t_hi = share_bounds(n_test, grid.dp_rank, grid.dp)
-    # later pipeline stages receive activations instead of the features
-    x_test = ops.to_device(data.x_test[t_lo:t_hi]) if engine.needs_inputs else None
     y_test = ops.to_device(data.y_test[t_lo:t_hi])
     show_bar = rank == 0 and not out.quiet
     # NaN/inf guard: ZeRO ranks each hold a slice of the parameters and gradients, so
@@ -201,8 +199,11 @@ def train(run, log=print):
         epoch_time = time.perf_counter() - t0
         tp_measured = model.take_tp_bytes()  # before the evaluation's forward passes add theirs
         trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
-        with tracer.span("evaluate"):
+        with tracer.span("evaluate"):  # (later pipeline stages receive activations instead)
+            x_test = ops.to_device(data.test_features(t_lo, t_hi)) if engine.needs_inputs \
+                else None  # this rank's test rows, (t, I): made for the evaluation, then freed
             test_loss, correct = engine.evaluate(x_test, y_test)
+            del x_test
         # summed over all ranks: in a pipeline only the last stages hold nonzero counts
         totals = sum_over(world, [loss_sum, test_loss, correct])
         record = {

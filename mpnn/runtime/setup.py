@@ -21,6 +21,7 @@ from ..nn.model import MLP, Context
 from ..nn.optim import make_optimizer
 from ..parallel.data_parallel import DataParallelEngine
 from ..parallel.grid import GridError, make_grid
+from ..parallel.hierarchical import HierarchyError
 from ..parallel.partition import partition_layers
 from ..parallel.pipeline import PipelineEngine
 from ..parallel.profile import profiled_partition
@@ -45,6 +46,7 @@ class Setup:
     resume: object = None  # checkpoint.Resume, or None for a new run
     threads: int = 1
     thread_warning: str | None = None
+    data_note: str | None = None  # why this node's ranks hold private copies of the data
 
 
 def setup(config, comm):
@@ -57,11 +59,14 @@ def setup(config, comm):
         raise ConfigError(str(e)) from None
     threads, warning = configure_threads(comm, par.threads)
     dtype = np.dtype(config.model.dtype)
-    data = load_data(config, comm, dtype)
+    data, data_note = load_data(config, comm, dtype)
     backend = resolve_backend(config.model.backend)
     if par.zero and backend == "cupy":  # --backend auto found a GPU
         raise ConfigError(f"--zero {par.zero} exchanges host (NumPy) buffers and this run would "
                           f"use the GPU (cupy backend): add --backend numba")
+    if par.allreduce == "hierarchical" and backend == "cupy":
+        raise ConfigError("--allreduce hierarchical sums host (NumPy) buffers in shared memory "
+                          "and this run would use the GPU (cupy backend): add --backend numba")
     ops = get_ops(backend)
     sizes = [data.n_features, *config.model.hidden, data.num_classes]
     v = par.virtual_stages
@@ -86,8 +91,11 @@ def setup(config, comm):
     resume = load_resume(config, model)  # every rank checks the file, loads its layers
     warm_up(model, config, data)
     tracer = make_tracer(config.output.trace)
-    engine = make_engine(config, grid, model, stages, tracer)
-    return Setup(config, grid, data, model, engine, tracer, resume, threads, warning)
+    try:
+        engine = make_engine(config, grid, model, stages, tracer)
+    except HierarchyError as e:  # the same verdict on every rank (gathered)
+        raise ConfigError(str(e)) from None
+    return Setup(config, grid, data, model, engine, tracer, resume, threads, warning, data_note)
 
 
 def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
@@ -95,27 +103,36 @@ def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
     (either with its model states sharded over its replicas under ``--zero``)."""
     par, loss = config.parallel, config.model.loss
     if grid.pp == 1:
-        return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer, par.zero)
+        return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer, par.zero,
+                                  par.allreduce)
     return PipelineEngine(model, loss, grid, par.schedule, par.micro_batches, stages, tracer,
                           virtual_stages=par.virtual_stages, zero=par.zero,
-                          bucket_mb=par.bucket_mb)
+                          bucket_mb=par.bucket_mb, allreduce=par.allreduce)
 
 
 def load_data(config, comm, dtype):
-    """Rank 0 loads (and downloads if needed) first; the others then read the
-    files it found or fetched, so a shared cache is downloaded into once. A
-    rank that does not see rank 0's files (a node with its own home
-    directory) downloads them itself: downloads are atomic, so ranks of one
-    node fetching the same file at once still leave one whole file."""
+    """(the Dataset, a note or None): the data in compact form (``Dataset.train_features``).
+
+    Rank 0 loads (and downloads if needed) first; then the first rank of every
+    other node (``COMM_TYPE_SHARED``) reads the files it found or fetched, so a
+    shared cache is downloaded into once. A node that does not see rank 0's
+    files (its own home directory) downloads them itself: downloads are atomic.
+    Each node's ranks then share its leader's copy in MPI shared memory
+    (``data.shared``); with ``--no-shared-data``, or where /dev/shm is too
+    small (the note says so), every rank loads its own copy."""
+    from mpi4py import MPI
+
+    from ..data.shared import SharedDataError, share_on_node
+
     rank = comm.Get_rank()
     d = config.data
 
     def load():
         return load_dataset(d.dataset, data_dir=d.data_dir, dtype=dtype, download=True,
-                            progress=not config.output.quiet and rank == 0)
+                            progress=not config.output.quiet and rank == 0, compact=True)
 
     if comm.Get_size() == 1:
-        return load()
+        return load(), None
     data, error = None, None
     if rank == 0:
         try:
@@ -130,7 +147,28 @@ def load_data(config, comm, dtype):
         if rank == 0:
             raise error
         raise SystemExit(2)  # rank 0 reports the problem for everyone
-    return data if rank == 0 else load()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank) if d.shared else MPI.COMM_SELF
+    leader = node.Get_rank() == 0
+    if leader and rank != 0:
+        try:
+            data = load()
+        except Exception as e:  # noqa: BLE001 - re-raised below once every rank knows
+            error = e
+    if any(comm.allgather(error is not None)):  # a node that could not load ends the job
+        if error is not None:
+            raise error
+        raise SystemExit(2)  # that node's leader reports it
+    if node.Get_size() == 1:
+        return data, None
+    try:
+        return share_on_node(data, node), None
+    except SharedDataError as e:
+        if not leader:
+            data = load()
+        note = (f"mpnn: warning: the dataset is not shared on this node: {e}; each of its "
+                f"{node.Get_size()} ranks holds its own copy (give /dev/shm more room, e.g. "
+                f"docker run --shm-size 1g, or pass --no-shared-data to silence this)")
+        return data, note if leader else None
 
 
 @contextlib.contextmanager
@@ -158,7 +196,7 @@ def warm_up(model, config, data):
     types. Rank-local, and the run's own model and data are not touched."""
     ops, m, o = model.ops, config.model, config.optim
     tiny = MLP([data.n_features, 2, 2, data.num_classes], m.activation, model.dtype, 0, ops=ops)
-    x = ops.to_device(data.x_train[:2])  # (2, I), as the trainer's gathered rows
+    x = ops.to_device(data.train_features(slice(0, 2)))  # (2, I), as the trainer's rows
     y = ops.to_device(data.y_train[:2])
     ctx = Context()
     logits = tiny.forward(x, ctx)  # (2, C)

@@ -244,6 +244,9 @@ class _Rows:
     def n_features(self):
         return self.x_train.shape[1]
 
+    def train_features(self, rows):
+        return self.x_train[rows]
+
 
 def _report(sweep, records, n_groups):
     args = sweep.args
