@@ -253,7 +253,11 @@ def _main(comm, argv):
         if status is not None:
             return status
         # Phase 2: training. An exception on any rank aborts the whole job.
-        return abort_on_error(comm, lambda: train(run), release=held)
+        def train_then_close():
+            train(run)
+            run.close()  # the shared-memory windows, before MPI_Finalize
+
+        return abort_on_error(comm, train_then_close, release=held)
     finally:
         for lock in held:
             lock.release()

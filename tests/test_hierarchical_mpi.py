@@ -190,3 +190,21 @@ def test_too_little_shared_memory_falls_back_to_private_copies(monkeypatch):
         assert "not shared on this node" in run.data_note and "--shm-size" in run.data_note
     else:
         assert run.data_note is None  # the node's first rank says it once
+
+
+@pytest.mark.mpi(min_size=2)
+def test_close_frees_the_windows_and_keeps_the_model():
+    from mpnn.runtime.loop import train
+
+    comm = _world()
+    run = build_run(BASE + ["--epochs", "1", "--allreduce", "hierarchical"], comm)
+    train(run, log=lambda *a: None)
+    sync = run.engine.sync
+    before = run.model.state_dict()
+    run.close()
+    assert run.data is None and run.engine is None and sync.segments is None
+    grad = run.model.flat.grad  # back in private memory, still the model's views
+    grad[...] = 1.0
+    assert run.model.flat.grads["layers.0.weight"].sum() == grad[:64 * 32].sum()
+    after = run.model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)

@@ -1,5 +1,6 @@
 """Multi-host runs on one machine: two "hosts" made of network namespaces
-(``tests/multihost.py``), MPICH's mpirun launching across them as over ssh.
+(``mpnn/bench/netns.py``, also used by ``python -m mpnn.bench.hosts``), MPICH's
+mpirun launching across them as over ssh.
 
 Serial tests (not marked ``mpi``): each starts its own mpirun and skips, saying
 why, where namespaces cannot be made (not root, no ``ip``/``unshare``, a container
@@ -13,11 +14,11 @@ import subprocess
 import sys
 import time
 
-import multihost
 import numpy as np
 import pytest
-from multihost import Hosts, unavailable
 
+from mpnn.bench import netns as multihost
+from mpnn.bench.netns import Hosts, unavailable
 from mpnn.runtime import checkpoint as ck
 from mpnn.runtime.weights import load_weights
 
@@ -32,7 +33,7 @@ TRAIN2 = [*BASE, "--epochs", "2"]
 STEPS_PER_EPOCH = -(-(1797 - 360) // 64)  # digits: 1437 training samples, batch 64
 # Gradient Allreduce algorithms the multi-host training must match serial with; None:
 # the option is not passed (the default). Extended when mpnn grows --allreduce.
-ALLREDUCE = [None]
+ALLREDUCE = [None, "hierarchical"]
 GRIDS = {"dp4": [], "dp2-pp2": ["--dp", "2", "--pp", "2", "--micro-batches", "2"]}
 TOLERANCE = 1e-9  # float64, another summation order than serial
 
@@ -193,6 +194,39 @@ def test_traffic_between_hosts_crosses_their_links(hosts):
         assert tx1 - tx0 >= 8 * n and rx1 - rx0 >= 8 * n, (h, tx1 - tx0, rx1 - rx0)
 
 
+SHARED_DATA_SCRIPT = """
+import socket
+from mpi4py import MPI
+from mpnn.runtime.setup import setup
+from mpnn.train import parse_config
+world = MPI.COMM_WORLD
+run = setup(parse_config(["--dataset", "digits", "--hidden", "8", "--quiet",
+                          "--allreduce", "hierarchical"]), world)
+def world_ranks(group):
+    return MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world.Get_group())
+data, sync = run.data, run.engine.sync
+print("SHARED", world.Get_rank(), socket.gethostname(), world_ranks(data.owner.Get_group()),
+      world_ranks(sync.groups.node.Get_group()), sync.groups.nodes, flush=True)
+"""
+
+
+def test_each_host_holds_one_dataset_and_sums_its_gradients_first(hosts):
+    """The dataset window and the hierarchical Allreduce's node group are each
+    host's own ranks: 2 nodes of 2, and the cross groups span both hosts."""
+    r = hosts.mpirun([*TWO_BY_TWO, PYTHON, "-c", SHARED_DATA_SCRIPT], timeout=60, env=ENV)
+    assert r.returncode == 0, r.stdout
+    seen = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("SHARED "):
+            _, rank, host, window, node, nodes = line.split(" ", 5)
+            seen[int(rank)] = (host, window, node, nodes)
+    assert sorted(seen) == [0, 1, 2, 3], r.stdout
+    for rank, (host, window, node, nodes) in seen.items():
+        mine = "[0, 1]" if rank < 2 else "[2, 3]"
+        assert host == ("hostA" if rank < 2 else "hostB")
+        assert window == mine and node == mine and nodes == "2"
+
+
 # ------------------------------------------------------------------- training
 
 
@@ -287,3 +321,4 @@ def test_cut_link_ends_the_job_with_a_message(tmp_path, env):
                         f"{e.output[-2000:]}")
         assert r.returncode != 0, r.stdout
         assert "mpnn.train: error on rank " in r.stdout, r.stdout
+        assert "stopped answering" in r.stdout, r.stdout  # what the MPI error means

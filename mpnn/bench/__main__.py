@@ -29,6 +29,12 @@ float32) on ``mpnn.train``'s synthetic dataset and prints, measured in one run:
 * the sweep (``mpnn.bench.sweep``): 12 trials whose costs differ tenfold,
   static against dynamic scheduling at -n 4 (groups of 1 and 2) and -n 2,
   makespans against the lower bound;
+* one node's shared memory (``mpnn.bench.node``): node memory at -n 4 on
+  Fashion-MNIST (or synthetic without it) with the dataset shared per node
+  and per rank, and the gather of uint8 against float32 storage;
+* the flat and the hierarchical gradient Allreduce (``mpnn.bench.hosts``):
+  step time at -n 2 on this machine and, as root, step time and bytes sent
+  between two network-namespace hosts per step;
 * the targets mpnn aims for, met or missed.
 
 FLOPs of a step: the nominal count is 6·B·Σ I·O (forward, input gradient,
@@ -97,6 +103,11 @@ def parse_args(argv=None):
       help="skip the ZeRO stages (--zero 0-3 at two ranks; python -m mpnn.bench.zero)")
     a("--no-sweep", action="store_true",
       help="skip the sweep's scheduling (static vs dynamic; python -m mpnn.bench.sweep)")
+    a("--no-node", action="store_true",
+      help="skip the shared dataset's node memory and gather (python -m mpnn.bench.node)")
+    a("--no-hosts", action="store_true",
+      help="skip flat vs hierarchical Allreduce on one node and two namespace hosts "
+           "(python -m mpnn.bench.hosts)")
     a("--json", metavar="PATH", help="also write the figures as JSON")
     return p.parse_args(argv)
 
@@ -180,6 +191,20 @@ def main(argv=None):
         report["sweep"] = sweep.measure()
         print()
         sweep.report(report["sweep"])
+
+    if not args.no_node:  # the dataset once per node: node memory, the gather
+        from . import node
+
+        report["node"] = node.measure(node.available_dataset())
+        print()
+        node.report(report["node"])
+
+    if not args.no_hosts:  # flat vs hierarchical: one node, two namespace hosts (root)
+        from . import hosts
+
+        report["hosts"] = hosts.measure()
+        print()
+        hosts.report(report["hosts"])
 
     report["targets"] = out.judge_targets(report)
     out.targets_section(report["targets"])

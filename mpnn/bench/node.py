@@ -9,9 +9,10 @@ training and test images of the same dataset written as IDX files (the
 memory of everything but the data: the same model, code and MPI). While
 each runs it samples every rank's proportional set size (``Pss`` in
 ``/proc/PID/smaps_rollup``: a page shared by k processes counts 1/k in each,
-so the sum over a node's ranks is the node's memory) and reports the sample
-with the largest node sum: per rank and summed, and the data's share (node
-sum minus the 64-image run's).
+so the sum over a node's ranks is the node's memory) every 0.1 s and reports
+the steady state (the median node sum of the second half of the samples,
+while it trains) and the peak: per rank and summed, and the data's share
+(node sum minus the 64-image run's).
 
 Gather: the time to build one step's features from random rows, stored as
 uint8 and divided as gathered (``Dataset.train_features``) against stored as
@@ -84,27 +85,32 @@ def _ranks_of(marker):
 
 def node_pss(cmd, ranks, env=None, interval=0.1, timeout=900):
     """Run ``cmd`` (an mpnn.train command line under mpirun whose arguments include a
-    unique path) and return the sample with the largest Pss sum over its ``ranks``
-    ranks: {"per_rank_mb": [...], "node_mb": float, "rc": exit status}."""
+    unique path) and sample the Pss of its ``ranks`` ranks every ``interval`` s.
+
+    Returns {"per_rank_mb", "node_mb"} of the steady state (the sample with the
+    median node sum among the second half of the samples: training, after
+    start-up), and "peak_per_rank_mb", "peak_node_mb" of the largest node sum."""
     marker = next(a for a in cmd if "mpnn-bench-node" in a)
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=env)
-    best, pids, t0 = None, [], time.monotonic()
+    samples, pids, t0 = [], [], time.monotonic()
     while job.poll() is None and time.monotonic() - t0 < timeout:
         if len(pids) < ranks:
             pids = _ranks_of(marker)
         sample = [pss_kb(p) for p in pids]
         if len(pids) == ranks and all(s is not None for s in sample):
-            if best is None or sum(sample) > sum(best):
-                best = sample
+            samples.append(sample)
         time.sleep(interval)
     if job.poll() is None:
         job.kill()
     out = job.communicate()[0]
-    if job.returncode != 0 or best is None:
+    if job.returncode != 0 or not samples:
         raise RuntimeError(f"{' '.join(cmd)} failed ({job.returncode}):\n{out[-2000:]}")
-    return {"per_rank_mb": [kb / 1024 for kb in best], "node_mb": sum(best) / 1024,
-            "rc": job.returncode}
+    late = sorted(samples[len(samples) // 2:], key=sum)
+    steady, peak = late[len(late) // 2], max(samples, key=sum)
+    return {"per_rank_mb": [kb / 1024 for kb in steady], "node_mb": sum(steady) / 1024,
+            "peak_per_rank_mb": [kb / 1024 for kb in peak], "peak_node_mb": sum(peak) / 1024,
+            "samples": len(samples)}
 
 
 def memory(dataset="fashion-mnist", ranks=4, env=None):
@@ -113,13 +119,13 @@ def memory(dataset="fashion-mnist", ranks=4, env=None):
     rows = {}
     with tempfile.TemporaryDirectory(prefix="mpnn-bench-node-") as tmp:
         tiny = _first_images(dataset, Path(tmp) / "tiny")
-        runs = (("shared", []), ("private", ["--no-shared-data"]),
-                (BASELINE, ["--data-dir", str(tiny)]))
-        for label, extra in runs:
+        runs = (("shared", ["--dataset", dataset]),
+                ("private", ["--dataset", dataset, "--no-shared-data"]),
+                (BASELINE, ["--dataset", "mnist", "--data-dir", str(tiny)]))
+        for label, data in runs:
             metrics = os.path.join(tmp, f"{len(rows)}.jsonl")
-            cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpnn.train", "--dataset",
-                   dataset, "--epochs", "1", "--quiet", "--threads", "1", "--metrics", metrics,
-                   *extra]
+            cmd = [mpirun, "-n", str(ranks), sys.executable, "-m", "mpnn.train", *data,
+                   "--epochs", "1", "--quiet", "--threads", "1", "--metrics", metrics]
             rows[label] = node_pss(cmd, ranks, env=env)
     return rows
 
@@ -128,14 +134,15 @@ BASELINE = "64 images"
 
 
 def _first_images(dataset, directory, n=64):
-    """The first ``n`` training and test images of an IDX dataset, as IDX files."""
+    """The first ``n`` training and test images of a 28x28, 10-class dataset as IDX
+    files (synthetic's features rounded to bytes): the same model on almost no data."""
     from ..data import load_dataset, write_idx
 
     data = load_dataset(dataset, compact=True, progress=False)
-    side = int(round(data.n_features ** 0.5))
     directory.mkdir(parents=True)
     for split, x, y in (("train", data.x_train, data.y_train), ("t10k", data.x_test, data.y_test)):
-        write_idx(directory / f"{split}-images-idx3-ubyte", x[:n].reshape(n, side, side))
+        x = x[:n] if x.dtype == np.uint8 else np.round(x[:n] * 255).astype(np.uint8)
+        write_idx(directory / f"{split}-images-idx3-ubyte", x.reshape(n, 28, 28))
         write_idx(directory / f"{split}-labels-idx1-ubyte", y[:n].astype(np.uint8))
     return directory
 
@@ -176,14 +183,18 @@ def report(result):
         base = mem[BASELINE]["node_mb"]
         print(f"node memory (sum of the ranks' Pss, MB) at -n {len(mem['shared']['per_rank_mb'])}"
               f" on {result['dataset']}:")
-        print(f"  {'run':<18} {'per rank':<28} {'node':>8} {'data share':>11}")
+        peak_base = mem[BASELINE]["peak_node_mb"]
+        print(f"  {'run':<18} {'steady, per rank':<24} {'node':>6} {'data':>6}   "
+              f"{'peak, per rank':<24} {'node':>6} {'data':>6}")
         for label, r in mem.items():
-            share = r["node_mb"] - base
-            per = ", ".join(f"{x:.0f}" for x in r["per_rank_mb"])
-            print(f"  {label:<18} {per:<28} {r['node_mb']:>8.0f} "
-                  f"{share if label != BASELINE else 0:>11.0f}")
+            cells = []
+            for key, b in (("", base), ("peak_", peak_base)):
+                per = ", ".join(f"{x:.0f}" for x in r[f"{key}per_rank_mb"])
+                share = r[f"{key}node_mb"] - b if label != BASELINE else 0
+                cells.append(f"{per:<24} {r[f'{key}node_mb']:>6.0f} {share:>6.0f}")
+            print(f"  {label:<18} {'   '.join(cells)}")
         s, p = (mem[k]["node_mb"] - base for k in ("shared", "private"))
-        print(f"  the data's share of node memory: private / shared = {p / s:.1f}x")
+        print(f"  the data's share of node memory (steady): private / shared = {p / s:.1f}x")
     print(f"gather of one step's features on {result['dataset']} (us, median [min, max] of "
           f"{result['rounds']} rounds):")
     for batch, t in result["gather"].items():
@@ -191,6 +202,13 @@ def report(result):
         ratio = [a / b for a, b in zip(u, f, strict=True)]
         print(f"  batch {batch:>4}: uint8 + divide {_spread(u, 1e6)}, float32 index "
               f"{_spread(f, 1e6)}; uint8 / float32 {_spread(ratio)}")
+
+
+def available_dataset(preferred="fashion-mnist"):
+    """``preferred`` where its IDX files are found here (no download), else synthetic."""
+    from ..data.datasets import locate_idx
+
+    return preferred if locate_idx(preferred)[0] is not None else "synthetic"
 
 
 def measure(dataset="fashion-mnist", ranks=4, rounds=3, with_memory=True):

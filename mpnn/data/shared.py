@@ -56,6 +56,13 @@ def layout(arrays):
     return out, offset
 
 
+def release(data):
+    """Free ``data``'s shared window, if it has one (collective over the node's ranks).
+    Its arrays are views of the window: nothing may read them afterwards."""
+    if data is not None and data.owner is not None:
+        data.owner.Free()
+
+
 def share_on_node(data, node):
     """The Dataset ``data`` (the leader's; ignored on the others) as views of one
     shared window on the ranks of ``node`` (a ``COMM_TYPE_SHARED`` communicator).

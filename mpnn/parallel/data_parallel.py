@@ -318,6 +318,12 @@ class DataParallelEngine:
                 "grads": int(self.model.flat.grad.nbytes),
                 "comm": self.sync.host_nbytes, "activations": acts}
 
+    def close(self):
+        """Free what the gradient sum holds beyond arrays (a shared window)."""
+        free = getattr(self.sync, "free", None)
+        if free is not None:
+            free()
+
     def describe(self):
         if self.zero is not None:
             return self.zero.describe()

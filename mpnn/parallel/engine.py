@@ -37,6 +37,8 @@ parameter server) is a new class here, not a branch in the loop.
     memory() -> dict
                         bytes this rank allocated, from the arrays: "params",
                         "grads", "activations" (what the last step kept)
+    close()             free what is not garbage-collected (a shared-memory
+                        window); collective, once training is over
 
 See docs/parallelism.md#1-the-global-batch-is-the-unit.
 """
@@ -63,3 +65,5 @@ class Engine(Protocol):
     def describe(self) -> str | None: ...
 
     def memory(self) -> dict: ...
+
+    def close(self) -> None: ...

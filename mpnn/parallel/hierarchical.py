@@ -98,6 +98,7 @@ class HierarchicalGradientSync:
             buf, _ = self.win.Shared_query(j)
             self.segments.append(np.frombuffer(buf, dtype=dtype, count=n))
         self.grad = self.segments[g.local]
+        self.flat = flat
         flat.bind_grad(self.grad)
         limit = bucket_mb if bucket_mb > 0 else float("inf")
         self.buckets = make_buckets(layout, dtype.itemsize, limit)
@@ -152,7 +153,10 @@ class HierarchicalGradientSync:
         self.wait()
 
     def free(self):
-        """Release the window (collective over the node); the gradient views die with it."""
+        """Release the window (collective over the node); the gradient moves back into
+        private memory first, so the model stays usable."""
+        self.flat.bind_grad(self.grad.copy())
+        self.grad = self.segments = None
         self.win.Unlock_all()
         self.win.Free()
 

@@ -433,6 +433,12 @@ class PipelineEngine:
         return {"params": int(self.model.flat.data.nbytes),
                 "grads": int(self.model.flat.grad.nbytes), "comm": 0, "activations": int(acts)}
 
+    def close(self):
+        """Free what the gradient sum holds beyond arrays (a shared window)."""
+        free = getattr(self.sync, "free", None)
+        if free is not None:
+            free()
+
     def describe(self):
         """The start-up line: grid, schedule, micro-batches, layers per stage."""
         line = (f"pipeline dp {self.grid.dp} x pp {self.p}, {self.schedule} schedule, "

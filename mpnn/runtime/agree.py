@@ -82,7 +82,7 @@ def abort_on_error(comm, run, prog="mpnn.train", release=()):
         comm.Barrier()  # (the reporter never joins)
         return 1
     except Exception as e:  # noqa: BLE001
-        say(f"{prog}: error on rank {comm.Get_rank()}: {type(e).__name__}: {e}")
+        say(f"{prog}: error on rank {comm.Get_rank()}: {type(e).__name__}: {e}{_hint(e)}")
         for held in release:  # MPI_Abort skips every finally: free them now
             held.release()
         if comm.Get_size() > 1:
@@ -90,6 +90,19 @@ def abort_on_error(comm, run, prog="mpnn.train", release=()):
             comm.Abort(1)
         return 1
     return 0
+
+
+PROGRESS_TIMEOUT = "Progress TIMEOUT"  # MPICH's words when MPIR_CVAR_PROGRESS_TIMEOUT fires
+
+
+def _hint(error):
+    """What an MPI error of a stalled job means, for the message (else "")."""
+    if PROGRESS_TIMEOUT.lower() not in str(error).lower():
+        return ""
+    limit = os.environ.get("MPIR_CVAR_PROGRESS_TIMEOUT", "?")
+    return (f"\n{' ' * 4}(an MPI wait made no progress for twice MPIR_CVAR_PROGRESS_TIMEOUT={limit}"
+            f" s: another rank, its host or the network between them stopped answering; "
+            f"checkpoints already written stay, resume with --resume)")
 
 
 def say(line):

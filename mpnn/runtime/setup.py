@@ -48,6 +48,18 @@ class Setup:
     thread_warning: str | None = None
     data_note: str | None = None  # why this node's ranks hold private copies of the data
 
+    def close(self):
+        """Free the shared-memory windows (the dataset's, the hierarchical Allreduce's)
+        before MPI is finalized: some MPI libraries fail MPI_Finalize over windows still
+        open (MPICH's ofi netmod: "fabricclose failed"). Collective over every node's
+        ranks; the data and the engine are gone afterwards, the model stays."""
+        from ..data.shared import release
+
+        if self.engine is not None:
+            self.engine.close()
+        release(self.data)
+        self.engine = self.data = None
+
 
 def setup(config, comm):
     """Build the run of ``config`` over the ranks of ``comm`` (``MPI.COMM_WORLD``,
@@ -161,7 +173,7 @@ def load_data(config, comm, dtype):
     if node.Get_size() == 1:
         return data, None
     try:
-        return share_on_node(data, node), None
+        shared = share_on_node(data, node)
     except SharedDataError as e:
         if not leader:
             data = load()
@@ -169,6 +181,22 @@ def load_data(config, comm, dtype):
                 f"{node.Get_size()} ranks holds its own copy (give /dev/shm more room, e.g. "
                 f"docker run --shm-size 1g, or pass --no-shared-data to silence this)")
         return data, note if leader else None
+    del data  # the leader's private copy: give its pages back to the system
+    _trim_heap()
+    return shared, None
+
+
+def _trim_heap():
+    """Return freed heap memory to the system (glibc's malloc_trim; elsewhere nothing):
+    the leader's private copy of the dataset was freed, but the allocator keeps the
+    pages of a heap it might reuse."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @contextlib.contextmanager

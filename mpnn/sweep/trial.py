@@ -82,6 +82,7 @@ def run_trial(trial, comm, out, t0, group, threads=None):
     if error is None:
         error, history = _agreed(comm, lambda: train(run, log=lambda *a: None))
     if run is not None:
+        run.close()  # the shared windows (every rank of the group gets here)
         _free(run.grid)
     end = time.perf_counter()
     if rank != 0:

@@ -7,7 +7,7 @@ the harness's temporary directory, so every host resolves ``hostA``, ``hostB``,
 ... to the addresses on the bridge. The filesystem (and so the working directory
 and the venv) is the same on every host, as on a cluster with a shared home.
 
-    from multihost import Hosts, unavailable
+    from mpnn.bench.netns import Hosts, unavailable
 
     with Hosts(("hostA", "hostB")) as hosts:
         r = hosts.mpirun(["-hosts", "hostA:2,hostB:2", "-n", "4", sys.executable, ...],
