@@ -109,7 +109,7 @@ def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
                    "--backends", "numpy,numba", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
-                   "--json", str(out)])
+                   "--no-node", "--no-hosts", "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
     assert data["samples_per_s"]["8"]["numba"] > 0
@@ -119,6 +119,7 @@ def test_serial_run_writes_json(tmp_path, capsys):
     assert set(data["ratios"]) == {"numba/numpy"}
     assert result["data_parallel"] is None
     assert "zero" not in result and "wide_model" not in result
+    assert "node" not in result and "hosts" not in result
     text = capsys.readouterr().out
     assert "numba/numpy" in text and "[" in text  # medians with their ranges
     assert "issue" not in text.lower()
@@ -136,7 +137,8 @@ def test_targets_are_said_in_words():
 
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
-        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero", "--no-sweep"])
+        main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
+              "--no-node", "--no-hosts"])
 
 
 def test_dp_measurement_under_mpirun():
