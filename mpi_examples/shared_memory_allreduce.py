@@ -32,6 +32,8 @@ from mpi4py import MPI
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
+if size % 2:  # every "node" must hold as many ranks: part j has one length on each
+    raise SystemExit(f"run with an even number of ranks (mpirun -n 2 or -n 4), not {size}")
 node = comm.Split(rank // 2, key=rank)  # a real run: comm.Split_type(MPI.COMM_TYPE_SHARED)
 local, per_node = node.Get_rank(), node.Get_size()
 cross = comm.Split(local, key=rank)  # the ranks holding the same part, one per node

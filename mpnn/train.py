@@ -38,6 +38,7 @@ import io
 import re
 
 from .data import DATASETS
+from .data.shared import release_all
 from .kernels import BACKENDS
 from .nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
 from .nn.optim import LR_SCHEDULES, OPTIMIZERS
@@ -130,6 +131,12 @@ def build_parser():
     a("--allreduce", default="flat", choices=("flat", "hierarchical"),
       help="how gradients are summed over the replicas: flat (one MPI Allreduce, default) or "
            "hierarchical (shared memory inside each node, then one Allreduce between nodes)")
+    a("--timeout", type=nonneg_float, default=None, metavar="SECONDS",
+      help="end the job with a diagnosis when a rank waits on MPI longer than this (default: "
+           "300 s until a step is timed, then max(60 s, 50 x the slowest step); 0: off)")
+    a("--check-collectives", action="store_true",
+      help="debugging: check before every collective that all its ranks call the same one "
+           "(operation, count, dtype, sequence number), naming both call sites if not")
     a("--threads", type=_thread_count, default=None,
       help="BLAS/numba threads per rank (default: cores on this node / ranks on this node)")
     a("--init", default=None, metavar="PATH", help="start from weights in a --save .npz file")
@@ -192,7 +199,7 @@ def config_from_args(ns):
                           ns.weight_decay),
         parallel=ParallelConfig(ns.dp, ns.pp, ns.tp, ns.micro_batches, ns.schedule,
                                 ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads,
-                                ns.zero, ns.allreduce),
+                                ns.zero, ns.allreduce, ns.timeout, ns.check_collectives),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),
@@ -245,17 +252,20 @@ def _main(comm, argv):
         if status is not None:
             return status
         status, run = on_every_rank(comm, lambda: setup(config, comm))  # collectives from here
-        if status is not None:
+        if status is not None:  # agreed on every rank: free what setup left open
+            release_all()
             return status
         if run.data_note and not config.output.quiet:  # from the node's first rank
             print(run.data_note, file=sys.stderr, flush=True)
         status, _ = on_every_rank(comm, lambda: _banner(run, held) if rank == 0 else None)
         if status is not None:
+            run.close()
             return status
         # Phase 2: training. An exception on any rank aborts the whole job.
         def train_then_close():
             train(run)
             run.close()  # the shared-memory windows, before MPI_Finalize
+            release_all()
 
         return abort_on_error(comm, train_then_close, release=held)
     finally:

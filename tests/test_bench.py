@@ -109,7 +109,7 @@ def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
                    "--backends", "numpy,numba", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
-                   "--no-node", "--no-hosts", "--json", str(out)])
+                   "--no-node", "--no-hosts", "--no-watchdog", "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
     assert data["samples_per_s"]["8"]["numba"] > 0
@@ -138,7 +138,7 @@ def test_targets_are_said_in_words():
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
         main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
-              "--no-node", "--no-hosts"])
+              "--no-node", "--no-hosts", "--no-watchdog"])
 
 
 def test_dp_measurement_under_mpirun():

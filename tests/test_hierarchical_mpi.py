@@ -208,3 +208,24 @@ def test_close_frees_the_windows_and_keeps_the_model():
     assert run.model.flat.grads["layers.0.weight"].sum() == grad[:64 * 32].sum()
     after = run.model.state_dict()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_too_little_shared_memory_for_the_gradients_is_refused(monkeypatch):
+    """/dev/shm that holds the dataset but not the node's gradients: a clear refusal on
+    every rank (touching the pages would kill the ranks with SIGBUS instead)."""
+    import mpnn.data.shared as shared
+    from mpnn.runtime.config import ConfigError
+
+    comm = _world()
+    room = {"n": 0}
+
+    def shm_room(path=shared.SHM_ROOT):  # the dataset's check passes, the gradients' fails
+        room["n"] += 1
+        return 10**12 if room["n"] == 1 else 1000
+
+    monkeypatch.setattr(shared, "shm_room", shm_room)
+    with pytest.raises(ConfigError, match="keeps each node's gradients in shared memory and "
+                       "/dev/shm has 0 MB free.*--shm-size.*--allreduce flat"):
+        build_run(BASE + ["--allreduce", "hierarchical"], comm)
+    shared.release_all()  # the dataset's window (as mpnn.train does after the refusal)

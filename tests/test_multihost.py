@@ -34,7 +34,12 @@ STEPS_PER_EPOCH = -(-(1797 - 360) // 64)  # digits: 1437 training samples, batch
 # Gradient Allreduce algorithms the multi-host training must match serial with; None:
 # the option is not passed (the default). Extended when mpnn grows --allreduce.
 ALLREDUCE = [None, "hierarchical"]
-GRIDS = {"dp4": [], "dp2-pp2": ["--dp", "2", "--pp", "2", "--micro-batches", "2"]}
+GRIDS = {"dp4": [], "dp2-pp2": ["--dp", "2", "--pp", "2", "--micro-batches", "2"],
+         "dp4-buckets": ["--bucket-mb", "0.002"]}
+# the model of a grid, where it is not TRAIN's (for the serial reference too): three
+# layers of more than 2 kB each, so every layer is its own bucket and the buckets'
+# sums overlap backward between the hosts
+MODELS = {"dp4-buckets": ["--hidden", "64,32"]}
 TOLERANCE = 1e-9  # float64, another summation order than serial
 
 
@@ -195,7 +200,7 @@ def test_traffic_between_hosts_crosses_their_links(hosts):
 
 
 SHARED_DATA_SCRIPT = """
-import socket
+import json, socket, sys
 from mpi4py import MPI
 from mpnn.runtime.setup import setup
 from mpnn.train import parse_config
@@ -205,26 +210,24 @@ run = setup(parse_config(["--dataset", "digits", "--hidden", "8", "--quiet",
 def world_ranks(group):
     return MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world.Get_group())
 data, sync = run.data, run.engine.sync
-print("SHARED", world.Get_rank(), socket.gethostname(), world_ranks(data.owner.Get_group()),
-      world_ranks(sync.groups.node.Get_group()), sync.groups.nodes, flush=True)
+with open(f"{sys.argv[1]}/rank{world.Get_rank()}.json", "w") as f:  # (stdout interleaves)
+    json.dump([socket.gethostname(), world_ranks(data.owner.Get_group()),
+               world_ranks(sync.groups.node.Get_group()), sync.groups.nodes], f)
+run.close()
 """
 
 
-def test_each_host_holds_one_dataset_and_sums_its_gradients_first(hosts):
+def test_each_host_holds_one_dataset_and_sums_its_gradients_first(hosts, tmp_path):
     """The dataset window and the hierarchical Allreduce's node group are each
     host's own ranks: 2 nodes of 2, and the cross groups span both hosts."""
-    r = hosts.mpirun([*TWO_BY_TWO, PYTHON, "-c", SHARED_DATA_SCRIPT], timeout=60, env=ENV)
+    r = hosts.mpirun([*TWO_BY_TWO, PYTHON, "-c", SHARED_DATA_SCRIPT, tmp_path], timeout=60,
+                     env=ENV)
     assert r.returncode == 0, r.stdout
-    seen = {}
-    for line in r.stdout.splitlines():
-        if line.startswith("SHARED "):
-            _, rank, host, window, node, nodes = line.split(" ", 5)
-            seen[int(rank)] = (host, window, node, nodes)
-    assert sorted(seen) == [0, 1, 2, 3], r.stdout
-    for rank, (host, window, node, nodes) in seen.items():
-        mine = "[0, 1]" if rank < 2 else "[2, 3]"
+    for rank in range(4):
+        host, window, node, nodes = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        mine = [0, 1] if rank < 2 else [2, 3]
         assert host == ("hostA" if rank < 2 else "hostB")
-        assert window == mine and node == mine and nodes == "2"
+        assert window == mine and node == mine and nodes == 2
 
 
 # ------------------------------------------------------------------- training
@@ -234,9 +237,10 @@ def test_each_host_holds_one_dataset_and_sums_its_gradients_first(hosts):
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 def test_training_across_hosts_equals_serial(hosts, tmp_path, tmp_path_factory, grid,
                                              allreduce):
-    serial = serial_weights(tmp_path_factory, TRAIN)
+    model = MODELS.get(grid, [])
+    serial = serial_weights(tmp_path_factory, [*TRAIN, *model])
     path = tmp_path / "W.npz"
-    r = hosts.mpirun([*TWO_BY_TWO, PYTHON, "-m", "mpnn.train", *TRAIN, *GRIDS[grid],
+    r = hosts.mpirun([*TWO_BY_TWO, PYTHON, "-m", "mpnn.train", *TRAIN, *model, *GRIDS[grid],
                       *allreduce_option(allreduce), "--save", path], timeout=120, env=ENV)
     assert r.returncode == 0, r.stdout
     assert max_difference(path, serial) <= TOLERANCE
@@ -288,37 +292,77 @@ CUT_BOUND = 30  # seconds from the cut to the end of the job
 # wait, so it must exceed half the longest legitimate one (here: start-up skew).
 PROGRESS_TIMEOUT = 8
 NO_DETECTION = (
-    "nothing notices a host whose link goes down: MPICH 5.0.2 (UCX netmod, also ofi tcp and "
-    "sockets) has no failure detection on an established connection (its UCX endpoints have "
-    "no error-handling mode, so UCX keepalive is not armed) and hydra does not watch its "
-    "proxies: every rank spins in its collective, still running 70 s after the cut in every "
-    "setting tried except MPIR_CVAR_PROGRESS_TIMEOUT; needs an application-level watchdog "
-    "in mpnn")
+    "nothing in MPI notices a host whose link goes down: MPICH 5.0.2 (UCX netmod, also ofi "
+    "tcp and sockets) has no failure detection on an established connection (its UCX "
+    "endpoints have no error-handling mode, so UCX keepalive is not armed) and hydra does "
+    "not watch its proxies: with mpnn's watchdog off (--timeout 0) every rank spins in its "
+    "collective, still running 70 s after the cut in every setting tried except "
+    "MPIR_CVAR_PROGRESS_TIMEOUT")
+WATCHDOG_TIMEOUT = 8  # --timeout of the watchdog case
 
 
-@pytest.mark.parametrize("env", [
-    pytest.param({}, id="default", marks=pytest.mark.xfail(
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("env, options, says", [
+    pytest.param({}, ["--timeout", "0"], "", id="no-watchdog", marks=pytest.mark.xfail(
         strict=True, raises=pytest.fail.Exception, reason=NO_DETECTION)),
-    pytest.param({"MPIR_CVAR_PROGRESS_TIMEOUT": str(PROGRESS_TIMEOUT)}, id="progress-timeout"),
+    pytest.param({"MPIR_CVAR_PROGRESS_TIMEOUT": str(PROGRESS_TIMEOUT)}, ["--timeout", "0"],
+                 "stopped answering", id="progress-timeout"),
+    pytest.param({}, ["--timeout", str(WATCHDOG_TIMEOUT)], "not answering", id="watchdog"),
 ])
-def test_cut_link_ends_the_job_with_a_message(tmp_path, env):
+def test_cut_link_ends_the_job_with_a_message(tmp_path, env, options, says):
     need_hosts()
     with Hosts(("hostA", "hostB")) as hosts:  # its own: the cut is not undone
         metrics = tmp_path / "m.jsonl"
+        flight = ["--checkpoint-dir", tmp_path / "ck"] if options[1] != "0" else []
         job = hosts.popen([*TWO_BY_TWO, PYTHON, "-m", "mpnn.train", *BASE, "--epochs", "100000",
-                           "--metrics", metrics], env={**ENV, **env})
+                           *options, *flight, "--metrics", metrics], env={**ENV, **env})
         deadline = time.monotonic() + 90
         while not (metrics.exists() and metrics.stat().st_size > 0):  # it is training
             assert job.poll() is None, job.output()
             assert time.monotonic() < deadline, job.output()
             time.sleep(0.2)
+        if options[1] != "0":
+            time.sleep(2)  # heartbeats from both hosts, before the cut
         hosts.cut("hostB")
         cut = time.monotonic()
+        if options[1] != "0":
+            # the watchdog ends every rank on both sides; hydra's mpirun then waits for
+            # hostB's proxy, whose goodbye cannot cross the cut link, until it heals
+            rank_pids = [p for h in ("hostA", "hostB") for p in hosts.pids(h)
+                         if _cmdline(p)[:3] == [PYTHON, "-m", "mpnn.train"]]
+            assert len(rank_pids) == 4, rank_pids
+            while any(_alive(p) for p in rank_pids):
+                assert time.monotonic() - cut < CUT_BOUND, (
+                    f"ranks still alive {CUT_BOUND} s after the cut:\n{job.output()[-2000:]}")
+                time.sleep(0.2)
+            ended = time.monotonic() - cut
+            assert ended <= WATCHDOG_TIMEOUT + 10, ended
+            hosts.heal("hostB")
         try:
-            r = job.wait(CUT_BOUND + (cut - job.started))
+            r = job.wait(CUT_BOUND + (time.monotonic() - job.started))
         except multihost.Timeout as e:
             pytest.fail(f"still running {CUT_BOUND} s after hostB's link was cut; output:\n"
                         f"{e.output[-2000:]}")
         assert r.returncode != 0, r.stdout
-        assert "mpnn.train: error on rank " in r.stdout, r.stdout
-        assert "stopped answering" in r.stdout, r.stdout  # what the MPI error means
+        assert says in r.stdout, r.stdout  # what the MPI error means, or the watchdog's word
+        if options[1] != "0":  # the watchdog: hostA's ranks name hostB's as not answering
+            assert "mpnn.train: watchdog: world rank " in r.stdout, r.stdout
+            assert "world rank 2: not answering" in r.stdout, r.stdout
+            assert "world rank 3: not answering" in r.stdout, r.stdout
+        else:
+            assert "mpnn.train: error on rank " in r.stdout, r.stdout

@@ -35,6 +35,8 @@ float32) on ``mpnn.train``'s synthetic dataset and prints, measured in one run:
 * the flat and the hierarchical gradient Allreduce (``mpnn.bench.hosts``):
   step time at -n 2 on this machine and, as root, step time and bytes sent
   between two network-namespace hosts per step;
+* the watchdog's cost (``mpnn.bench.watchdog``): samples/s at batch 64 with
+  ``--timeout 0`` against the default, serially and at two ranks;
 * the targets mpnn aims for, met or missed.
 
 FLOPs of a step: the nominal count is 6·B·Σ I·O (forward, input gradient,
@@ -108,6 +110,9 @@ def parse_args(argv=None):
     a("--no-hosts", action="store_true",
       help="skip flat vs hierarchical Allreduce on one node and two namespace hosts "
            "(python -m mpnn.bench.hosts)")
+    a("--no-watchdog", action="store_true",
+      help="skip the watchdog's cost (--timeout 0 vs the default; python -m "
+           "mpnn.bench.watchdog)")
     a("--json", metavar="PATH", help="also write the figures as JSON")
     return p.parse_args(argv)
 
@@ -205,6 +210,13 @@ def main(argv=None):
         report["hosts"] = hosts.measure()
         print()
         hosts.report(report["hosts"])
+
+    if not args.no_watchdog:  # what --timeout costs at batch 64
+        from . import watchdog
+
+        report["watchdog"] = watchdog.measure()
+        print()
+        watchdog.report(report["watchdog"])
 
     report["targets"] = out.judge_targets(report)
     out.targets_section(report["targets"])

@@ -114,8 +114,8 @@ class Dataset:
         return np.dtype(self.dtype if self.dtype is not None else self.x_train.dtype)
 
     def train_features(self, rows):
-        """Features (b, D) of training ``rows`` (an index array or a slice), a new array
-        (a slice of float-form data may be a view, never written through)."""
+        """Features (b, D) of training ``rows`` (an index array or a slice): a new array,
+        except a slice of writable float-form data, which is a view (never written through)."""
         return self._features(self.x_train[rows])
 
     def test_features(self, start=0, stop=None):
@@ -124,6 +124,8 @@ class Dataset:
 
     def _features(self, x):
         out = x.astype(self.feature_dtype, copy=False)  # (b, D)
+        if not out.flags.writeable:  # a view of read-only (shared) data: kernels get a copy
+            out = out.copy()
         if self.divisor is not None:
             out /= self.divisor  # as the float form: a conversion, then one division
         return out

@@ -10,8 +10,15 @@ and the leader's private copy is dropped. The dataset is stored compact
 (uint8 pixels and a divisor, ``Dataset.train_features``), so a node holds a
 quarter of one float32 copy instead of one per rank.
 
-The window is freed with the Dataset that holds it (``Dataset.owner``),
-never while a view of it lives; at exit MPI's finalization releases it.
+Every window made here (and the hierarchical Allreduce's, ``parallel.
+hierarchical``) is registered; ``release(data)`` frees one, ``release_all()``
+those left (collective over each window's node, in the order they were made,
+which is the same on every rank). ``mpnn.train`` frees them before MPI is
+finalized, also after an agreed failure (some netmods fail ``MPI_Finalize``
+over an open window); nothing frees them on garbage collection, and the
+arrays are views of the window: nothing may read them after the release.
+Under ``mpnn.sweep`` each group's trial shares its own window: a node holds
+one copy per group on it.
 The pages are in ``/dev/shm`` (tmpfs): the leader checks that it has the room
 first, and otherwise every rank keeps a private copy (``SharedDataError``
 says why; the caller falls back and says so), since touching a tmpfs page
@@ -56,11 +63,44 @@ def layout(arrays):
     return out, offset
 
 
+_WINDOWS = []  # the windows not freed yet, in the order they were made
+
+
+def register(win):
+    _WINDOWS.append(win)
+    return win
+
+
+def free_window(win):
+    """Free ``win`` (collective over its node) if it is still open."""
+    if win in _WINDOWS:
+        _WINDOWS.remove(win)
+        win.Free()
+
+
 def release(data):
     """Free ``data``'s shared window, if it has one (collective over the node's ranks).
     Its arrays are views of the window: nothing may read them afterwards."""
     if data is not None and data.owner is not None:
-        data.owner.Free()
+        free_window(data.owner)
+
+
+def release_all():
+    """Free every window still open (collective: every rank calls it at one point)."""
+    while _WINDOWS:
+        free_window(_WINDOWS[0])
+
+
+def check_room(node, nbytes, what):
+    """None, or why /dev/shm of this node cannot hold ``nbytes`` more (the leader
+    looks; every rank of ``node`` gets its verdict). Collective over ``node``."""
+    verdict = None
+    if node.Get_rank() == 0:
+        room = shm_room()
+        if room is not None and room < nbytes + SHM_MARGIN:
+            verdict = (f"{SHM_ROOT} has {room / 1e6:.0f} MB free and {what} needs "
+                       f"{nbytes / 1e6:.0f} MB (+{SHM_MARGIN / 1e6:.0f} MB for MPI)")
+    return node.bcast(verdict, root=0)
 
 
 def share_on_node(data, node):
@@ -76,17 +116,13 @@ def share_on_node(data, node):
     meta = None
     if leader:
         slots, total = layout([getattr(data, f) for f in FIELDS])
-        room = shm_room()
-        if room is not None and room < total + SHM_MARGIN:
-            meta = (f"{SHM_ROOT} has {room / 1e6:.0f} MB free and the dataset needs "
-                    f"{total / 1e6:.0f} MB (+{SHM_MARGIN / 1e6:.0f} MB for MPI)")
-        else:
-            meta = {"slots": slots, "total": total, "name": data.name,
-                    "num_classes": data.num_classes, "divisor": data.divisor, "dtype": data.dtype}
+        meta = {"slots": slots, "total": total, "name": data.name,
+                "num_classes": data.num_classes, "divisor": data.divisor, "dtype": data.dtype}
     meta = node.bcast(meta, root=0)  # small: shapes, dtypes, the name and divisor
-    if isinstance(meta, str):
-        raise SharedDataError(meta)
-    win = MPI.Win.Allocate_shared(meta["total"] if leader else 0, 1, comm=node)
+    short = check_room(node, meta["total"], "the dataset")
+    if short:
+        raise SharedDataError(short)
+    win = register(MPI.Win.Allocate_shared(meta["total"] if leader else 0, 1, comm=node))
     buf, _ = win.Shared_query(0)
     memory = np.frombuffer(buf, dtype=np.uint8, count=meta["total"])
     views = {}

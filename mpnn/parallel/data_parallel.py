@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..nn.model import Context
+from ..runtime import watchdog as wd
 from ..runtime.trace import NULL_TRACER
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
@@ -35,6 +36,7 @@ class GradientSync:
         self.grad = grad
         self.ops = ops
         self._host = None  # host copy of a device buffer MPI cannot read
+        self.ranks = wd.group_ranks(comm, "the data-parallel group") if self.active else None
 
     def allreduce(self):
         """grad ← Σ_replicas grad, in place (blocking)."""
@@ -42,17 +44,18 @@ class GradientSync:
             return
         from mpi4py import MPI
 
-        if isinstance(self.grad, np.ndarray):
-            self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
-            return
-        self.ops.synchronize()  # device buffers must be complete before MPI reads them
-        if not needs_host_staging(self.grad):
-            self.comm.Allreduce(MPI.IN_PLACE, self.grad, op=MPI.SUM)
-            return
-        if self._host is None:  # through a host copy, allocated once
-            self._host = np.empty(self.grad.shape, dtype=self.grad.dtype)
-        self.comm.Allreduce(MPI.IN_PLACE, copy_to_host(self.grad, self._host), op=MPI.SUM)
-        copy_from_host(self._host, self.grad)
+        grad = self.grad
+        if not isinstance(grad, np.ndarray):
+            self.ops.synchronize()  # device buffers must be complete before MPI reads them
+            if needs_host_staging(grad):
+                if self._host is None:  # through a host copy, allocated once
+                    self._host = np.empty(grad.shape, dtype=grad.dtype)
+                grad = copy_to_host(grad, self._host)
+        with wd.watch.op("gradient Allreduce", comm=self.comm, ranks=self.ranks,
+                         nbytes=grad.nbytes, check=("Allreduce", grad.size, grad.dtype)):
+            self.comm.Allreduce(MPI.IN_PLACE, grad, op=MPI.SUM)
+        if grad is self._host:
+            copy_from_host(self._host, self.grad)
 
     @property
     def host_nbytes(self):
@@ -100,11 +103,13 @@ class BucketedGradientSync:
         self.grad = grad
         self.ops = ops
         self.buckets = make_buckets(layout, grad.dtype.itemsize, bucket_mb)
+        self._nbytes = [(b.stop - b.start) * grad.dtype.itemsize for b in self.buckets]
         # a bucket is ready when its lowest layer (the last one backward reaches) is done
         self._bucket_of_layer = {b.layers[-1]: k for k, b in enumerate(self.buckets)}
         self._requests = [None] * len(self.buckets)
         self._host = None
         self._device = False
+        self.ranks = wd.group_ranks(comm, "the data-parallel group") if self.active else None
         if self.active:
             self._device = not isinstance(grad, np.ndarray)
             if needs_host_staging(grad):
@@ -132,10 +137,18 @@ class BucketedGradientSync:
             return
         from mpi4py import MPI
 
-        for k in range(len(self.buckets)):
+        n = len(self.buckets)
+        for k in range(n):
             if self._requests[k] is None:
                 self._start(k)
-        MPI.Request.Waitall(self._requests)
+        watch = wd.watch
+        if watch.enabled:  # bucket by bucket, so a stall names its bucket
+            for k, req in enumerate(self._requests):
+                with watch.op("gradient Allreduce", ("bucket {} of {}", k + 1, n),
+                              ranks=self.ranks, nbytes=self._nbytes[k]):
+                    req.Wait()
+        else:
+            MPI.Request.Waitall(self._requests)
         if self._host is not None:  # the buckets tile the buffer: one copy back
             copy_from_host(self._host, self.grad)
         self._requests = [None] * len(self.buckets)
@@ -156,6 +169,12 @@ class BucketedGradientSync:
             buf = copy_to_host(self.grad[b.start:b.stop], self._host[b.start:b.stop])
         else:
             buf = self.grad[b.start:b.stop]
+        watch = wd.watch
+        if watch.check:  # --check-collectives: every rank starts the same bucket's sum
+            with watch.op("gradient Iallreduce", ("bucket {} of {}", k + 1, len(self.buckets)),
+                          comm=self.comm, ranks=self.ranks,
+                          check=("Iallreduce", buf.size, buf.dtype)):
+                pass
         self._requests[k] = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
     def _progress(self):

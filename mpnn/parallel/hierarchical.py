@@ -41,6 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data.batching import share_bounds
+from ..runtime import watchdog as wd
 from .data_parallel import make_buckets
 
 
@@ -65,6 +66,7 @@ class NodeGroups:
         counts = comm.allgather(self.per_node)  # every rank's node size
         if len(set(counts)) > 1:
             sizes = sorted(set(counts))
+            self.node.Free()
             raise HierarchyError(
                 f"--allreduce hierarchical needs the same number of data-parallel ranks on every "
                 f"node, and nodes here hold {', '.join(map(str, sizes))} of them: place the ranks "
@@ -72,6 +74,24 @@ class NodeGroups:
                 f"--allreduce flat")
         self.cross = comm.Split(self.local, key=rank)
         self.nodes = self.cross.Get_size()
+        self.node_ranks = wd.group_ranks(self.node, "this node's data-parallel ranks")
+        self.cross_ranks = wd.group_ranks(self.cross, "the ranks between nodes")
+
+    def free(self):
+        """The two communicators (MPI has a few thousand; a sweep makes them per trial)."""
+        self.node.Free()
+        self.cross.Free()
+
+
+class _LockedWindow:
+    """A window inside its passive epoch: unlocked, then freed."""
+
+    def __init__(self, win):
+        self.win = win
+
+    def Free(self):  # noqa: N802 - the name data.shared.free_window calls, as on MPI.Win
+        self.win.Unlock_all()
+        self.win.Free()
 
 
 class HierarchicalGradientSync:
@@ -87,12 +107,22 @@ class HierarchicalGradientSync:
     def __init__(self, comm, flat, layout, bucket_mb=0.0, node_of=None):
         from mpi4py import MPI
 
+        from ..data.shared import check_room, register
+
         self.comm = comm
         self.active = comm.Get_size() > 1
         self.groups = g = NodeGroups(comm, node_of)
         n, dtype = int(flat.grad.size), flat.grad.dtype
+        short = check_room(g.node, g.per_node * n * dtype.itemsize, "the node's gradients")
+        if any(comm.allgather(short)):  # the same verdict on every rank of the group
+            g.free()
+            raise HierarchyError(
+                f"--allreduce hierarchical keeps each node's gradients in shared memory and "
+                f"{short or 'another node has too little'}: give /dev/shm more room (docker "
+                f"run --shm-size ...) or use --allreduce flat")
         self.win = MPI.Win.Allocate_shared(n * dtype.itemsize, dtype.itemsize, comm=g.node)
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch; Sync orders the accesses
+        self._registered = register(_LockedWindow(self.win))
         self.segments = []  # every local rank's gradient, (Ψ,) views of the window
         for j in range(g.per_node):
             buf, _ = self.win.Shared_query(j)
@@ -133,12 +163,15 @@ class HierarchicalGradientSync:
         copy every part this rank does not own from its owner."""
         if not self.active:
             return
-        from mpi4py import MPI
 
         for k in range(len(self.buckets)):
             if not self._reduced[k]:
                 self._reduce(k)
-        MPI.Request.Waitall(self._requests)
+        g, n = self.groups, len(self._requests)
+        for k, req in enumerate(self._requests):
+            with wd.watch.op("gradient Allreduce between nodes", ("bucket {} of {}", k + 1, n),
+                             ranks=g.cross_ranks):
+                req.Wait()
         self._requests = []
         self._node_barrier()  # every part's sum is final
         me, segments = self.groups.local, self.segments
@@ -155,16 +188,20 @@ class HierarchicalGradientSync:
     def free(self):
         """Release the window (collective over the node); the gradient moves back into
         private memory first, so the model stays usable."""
+        from ..data.shared import free_window
+
         self.flat.bind_grad(self.grad.copy())
         self.grad = self.segments = None
-        self.win.Unlock_all()
-        self.win.Free()
+        free_window(self._registered)
+        self.groups.free()
 
     # -------------------------------------------------------------- helpers
 
     def _node_barrier(self):
         self.win.Sync()
-        self.groups.node.Barrier()
+        with wd.watch.op("gradient sum's node barrier", comm=self.groups.node,
+                         ranks=self.groups.node_ranks, check=("Barrier", 0, "-")):
+            self.groups.node.Barrier()
         self.win.Sync()
 
     def _reduce(self, k):
@@ -181,5 +218,11 @@ class HierarchicalGradientSync:
                     mine += seg[lo:hi]
         if g.nodes > 1:
             lo, hi = self.parts[k][g.local]
-            self._requests.append(g.cross.Iallreduce(MPI.IN_PLACE, self.grad[lo:hi], op=MPI.SUM))
+            part = self.grad[lo:hi]
+            if wd.watch.check:
+                with wd.watch.op("gradient Iallreduce between nodes", ("bucket {}", k + 1),
+                                 comm=g.cross, ranks=g.cross_ranks,
+                                 check=("Iallreduce", part.size, part.dtype)):
+                    pass
+            self._requests.append(g.cross.Iallreduce(MPI.IN_PLACE, part, op=MPI.SUM))
         self._reduced[k] = True

@@ -64,6 +64,7 @@ from mpi4py import MPI
 from ..data.batching import share_bounds
 from ..nn.model import Context
 from ..nn.params import Layout
+from ..runtime import watchdog as wd
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import make_gradient_sync
 from .gather import gather_whole
@@ -158,6 +159,11 @@ class PipelineEngine:
         self._bounds, self._x, self._labels, self._scale, self._loss_sum = [], None, None, 0.0, 0.0
         self.peak_live = 0  # most micro-batches alive at once in the last step
         self.clock = StageClock(self.v)  # seconds per kind of work since the last epoch_metrics
+        # for the watchdog's messages: the pipeline's ranks as world ranks
+        self._pipe_ranks = wd.group_ranks(self.comm, "this pipeline")
+        group, world_group = self.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+        self._world_of = MPI.Group.Translate_ranks(group, list(range(self.p)), world_group)
+        group.Free()
 
     # ------------------------------------------------------------- one step
 
@@ -240,10 +246,13 @@ class PipelineEngine:
             copy_from_host(self._inbox_host[kind][key][:rows], self._buffer(kind, key, rows))
 
     def _wait(self, requests):
-        """Wait for requests; the time counts as this stage's idle time."""
+        """Wait for a micro-batch's sends; the time counts as this stage's idle time."""
+        if not requests:
+            return
         t0 = time.perf_counter()
-        for req in requests:
-            req.Wait()
+        with wd.watch.op("completion of this stage's sends", ranks=self._pipe_ranks):
+            for req in requests:
+                req.Wait()
         self.clock.idle_s += time.perf_counter() - t0
 
     def _wait_all_stages(self):
@@ -258,7 +267,9 @@ class PipelineEngine:
         counts every stage's idle time up to the step's makespan.
         """
         t0 = time.perf_counter()
-        self.comm.Barrier()
+        with wd.watch.op("end-of-step barrier", comm=self.comm, ranks=self._pipe_ranks,
+                         check=("Barrier", 0, "-")):
+            self.comm.Barrier()
         self.clock.idle_s += time.perf_counter() - t0
 
     def _release(self, key, mb):
@@ -293,7 +304,11 @@ class PipelineEngine:
             t0 = time.perf_counter()
             arrived = req.Test()  # the message was there: this call copied it
             if not arrived:
-                req.Wait()
+                src = self.pipe.message(a, self.stage)[0]
+                what = "receive of activations" if kind == "act" else "receive of gradients"
+                with wd.watch.op(what, ("micro-batch {}", a.mb), ranks=self._pipe_ranks,
+                                 peer=f"from world rank {self._world_of[src]}"):
+                    req.Wait()
             self.clock.received(time.perf_counter() - t0, arrived)
         self._landed(kind, (a.mb, a.chunk))
 

@@ -59,6 +59,7 @@ import numpy as np
 from ..data.batching import share_bounds
 from ..nn.model import MLP
 from ..nn.params import Layout
+from ..runtime import watchdog as wd
 from .staging import copy_from_host, copy_to_host, needs_host_staging
 
 COLUMN, ROW, REPLICATED = "column", "row", "replicated"
@@ -145,6 +146,7 @@ class TensorParallelMLP(MLP):
                  ops=None, tp_comm=None):
         self.tp_comm = tp_comm
         self.tp, self.tp_rank = tp_comm.Get_size(), tp_comm.Get_rank()
+        self._tp_ranks = wd.group_ranks(tp_comm, "this stage's tensor-parallel ranks")
         self.reports = self.tp_rank == 0  # one rank of the stage reports the loss
         self.tp_bytes = 0  # bytes the tp Allreduces summed since the last take_tp_bytes
         self._host = {}  # host twins of device buffers, for an MPI without CUDA support
@@ -216,16 +218,19 @@ class TensorParallelMLP(MLP):
         self.tp_bytes += buf.nbytes
         if buf.size == 0:  # an empty micro-batch: every tp rank has the same rows
             return buf
-        if isinstance(buf, np.ndarray) or not needs_host_staging(buf):
-            self.ops.synchronize()
-            self.tp_comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            return buf
         self.ops.synchronize()
-        host = self._host.get(buf.shape)
-        if host is None:
-            host = self._host[buf.shape] = np.empty(buf.shape, buf.dtype)
-        self.tp_comm.Allreduce(MPI.IN_PLACE, copy_to_host(buf, host), op=MPI.SUM)
-        copy_from_host(host, buf)
+        staged = None
+        if not (isinstance(buf, np.ndarray) or not needs_host_staging(buf)):
+            staged = self._host.get(buf.shape)
+            if staged is None:
+                staged = self._host[buf.shape] = np.empty(buf.shape, buf.dtype)
+            copy_to_host(buf, staged)
+        target = buf if staged is None else staged
+        with wd.watch.op("tensor-parallel Allreduce", comm=self.tp_comm, ranks=self._tp_ranks,
+                         nbytes=target.nbytes, check=("Allreduce", target.size, target.dtype)):
+            self.tp_comm.Allreduce(MPI.IN_PLACE, target, op=MPI.SUM)
+        if staged is not None:
+            copy_from_host(staged, buf)
         return buf
 
     def f_forward(self, x):

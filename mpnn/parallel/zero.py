@@ -44,6 +44,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
+from ..runtime import watchdog as wd
 from ..runtime.guards import check_replicas_agree
 from ..runtime.trace import NULL_TRACER
 from .zero_comm import ParamGather, ShardedGradSync, Shards
@@ -164,7 +165,9 @@ class Zero:
         if self.gather is not None:
             self.gather.invalidate()
             return
-        with self.tracer.span("allgather"):
+        with self.tracer.span("allgather"), \
+                wd.watch.op("parameter Allgather", comm=self.comm, ranks=self.sync.ranks,
+                            check=("Allgather", self.padded.size, self.padded.dtype)):
             self.comm.Allgather(MPI.IN_PLACE, self.padded)
 
     def idle_forward(self):

@@ -41,6 +41,7 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
+from ..runtime import watchdog as wd
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import make_buckets
 
@@ -138,6 +139,7 @@ class ShardedGradSync:
 
     def __init__(self, comm, model, shards, grad_shard, bucket_mb, scratch, accumulate=False):
         self.comm, self.model, self.shards = comm, model, shards
+        self.ranks = wd.group_ranks(comm, "the data-parallel group")
         self.grad_shard = grad_shard  # (S,) this rank's summed gradient
         self.scratch, self.accumulate = scratch, accumulate
         layout = model.layout
@@ -237,7 +239,9 @@ class ShardedGradSync:
         req = self._requests[k]
         if req is None:
             return
-        req.Wait()
+        with wd.watch.op("gradient reduce-scatter", ("bucket {} of {}", k + 1, len(self.buckets)),
+                         ranks=self.ranks):
+            req.Wait()
         self._requests[k] = None
         if self.accumulate:
             a, e = self._mine[k]
@@ -268,6 +272,7 @@ class ParamGather:
 
     def __init__(self, comm, model, shards, param_shard, tracer=NULL_TRACER):
         self.comm, self.model, self.shards, self.tracer = comm, model, shards, tracer
+        self.ranks = wd.group_ranks(comm, "the data-parallel group")
         layout = model.layout
         self.layers = tuple(layout.layers)
         self.first = layout.layers[0]
@@ -323,7 +328,8 @@ class ParamGather:
         req = self._requests.pop(i, None)
         if req is None:
             return
-        with self.tracer.span("allgather", layer=i):
+        with self.tracer.span("allgather", layer=i), \
+                wd.watch.op("parameter gather", ("layer {}", i), ranks=self.ranks):
             req.Wait()
         self._have.add(i)
         view, (start, _) = self._views[i], self._span[i]
@@ -335,5 +341,6 @@ class ParamGather:
     def _evict(self, i):
         req = self._requests.pop(i, None)
         if req is not None:
-            req.Wait()
+            with wd.watch.op("parameter gather", ("layer {}", i), ranks=self.ranks):
+                req.Wait()
         self._have.discard(i)

@@ -83,6 +83,9 @@ class ParallelConfig:
     threads: int | None = None  # BLAS/numba threads per rank (None: this rank's cores)
     zero: int = 0  # ZeRO stage: 0 replicated, 1-3 shard optimizer state, gradients, parameters
     allreduce: str = "flat"  # gradient sum: flat (one MPI Allreduce) | hierarchical (per node)
+    timeout: float | None = None  # watchdog seconds for any wait on MPI (None: follows the
+    #                               step time, runtime.watchdog; 0: off)
+    check_collectives: bool = False  # fingerprint every collective first (debugging)
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,11 @@ def validate(config, world_size):
                           par.tp, par.schedule, m.backend)
     except ZeroConfigError as e:
         raise ConfigError(str(e)) from None
+    if par.timeout is not None and not (math.isfinite(par.timeout) and par.timeout >= 0):
+        raise ConfigError(f"--timeout {par.timeout}: give seconds >= 0 (0 turns the watchdog off)")
+    if par.check_collectives and par.timeout == 0:
+        raise ConfigError("--check-collectives runs inside the watchdog, which --timeout 0 "
+                          "turns off: drop one of them")
     if par.allreduce not in ("flat", "hierarchical"):
         raise ConfigError(f"unknown --allreduce {par.allreduce!r}; choose flat or hierarchical")
     if par.allreduce == "hierarchical" and par.zero:

@@ -19,6 +19,7 @@ See docs/parallelism.md#1-the-global-batch-is-the-unit.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from ..data.batching import batch_bounds, epoch_permutation, share_bounds
 from ..nn.optim import learning_rate, make_optimizer
+from . import watchdog as wd
 from .checkpoint import Checkpointer
 from .files import keep_metrics
 from .guards import check_finite, check_replicas_agree
@@ -115,26 +117,60 @@ def build_optimizer(engine, model, o):
     return ZeroOptimizer(zero, opt)
 
 
-def sum_over(comm, values):
+TEST_MISMATCH = "MPNN_TEST_MISMATCH_RANK"  # test-only: this rank's metrics sum is longer
+
+
+def sum_over(comm, values, what="metrics sum"):
     """Element-wise float64 sum of ``values`` over every rank of ``comm``."""
     from mpi4py import MPI
 
     buf = np.asarray(values, dtype=np.float64)
+    if os.environ.get(TEST_MISMATCH) == str(MPI.COMM_WORLD.Get_rank()):
+        buf = np.append(buf, 0.0)  # a deliberately mismatched collective (tests only)
     out = np.empty_like(buf)
-    comm.Allreduce(buf, out, op=MPI.SUM)
+    with wd.watch.op(what, comm=comm, check=("Allreduce", buf.size, "float64")):
+        comm.Allreduce(buf, out, op=MPI.SUM)
     return out
+
+
+def make_watch(run):
+    """The run's watchdog (``runtime.watchdog.Watch``), or None with ``--timeout 0``."""
+    par = run.config.parallel
+    if par.timeout == 0:
+        return None
+    return wd.Watch(run.grid.world, par.timeout, par.check_collectives,
+                    out_dir=run.config.checkpoint.directory)
 
 
 def train(run, log=print):
     """Train the run built by ``runtime.setup.setup`` and return the per-epoch
     metrics (rank 0's view, identical on all ranks). A resumed run (``run.resume``)
-    continues at its step, epoch and batch with its optimizer state."""
+    continues at its step, epoch and batch with its optimizer state. Every wait on
+    MPI is watched (``runtime.watchdog``, ``--timeout``) unless the timeout is 0."""
+    watch = make_watch(run)
+    if watch is None:
+        return _train(run, log, wd.NullWatch())
+    previous = wd.install(watch)
+    watch.start()
+    try:
+        history = _train(run, log, watch)
+    except BaseException:
+        watch.halt()  # the failure ends the job (or the sweep's trial) its own way
+        raise
+    finally:
+        wd.install(previous)
+    watch.stop()
+    return history
+
+
+def _train(run, log, watch):
     config, grid, data, model, engine, tracer = (run.config, run.grid, run.data, run.model,
                                                  run.engine, run.tracer)
     o, out = config.optim, config.output
     world, rank = grid.world, grid.world.Get_rank()
     ops = model.ops
-    check_replicas(engine, grid, model)
+    with watch.op("start-up replica check"):
+        check_replicas(engine, grid, model)
     base_lr = o.base_lr
     opt = build_optimizer(engine, model, o)
     formula = model_state_formula(engine, model, opt)
@@ -156,7 +192,7 @@ def train(run, log=print):
         return learning_rate(o.lr_schedule, base_lr, s, total_steps)
 
     t_lo, t_hi = share_bounds(n_test, grid.dp_rank, grid.dp)
-    y_test = ops.to_device(data.y_test[t_lo:t_hi])
+    y_test = ops.to_device(np.array(data.y_test[t_lo:t_hi]))  # (a copy: the data is read-only)
     show_bar = rank == 0 and not out.quiet
     # NaN/inf guard: ZeRO ranks each hold a slice of the parameters and gradients, so
     # the whole job agrees; otherwise the ranks of one forward pass
@@ -165,8 +201,13 @@ def train(run, log=print):
     if out.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
         keep_metrics(out.metrics, first_epoch - 1)
     history = []
+    ckpt_limit = None  # a checkpoint's waits: the timeout and the time to write its bytes
+    if watch.enabled:
+        ckpt_bytes = model.layout.numel * model.dtype.itemsize * (1 + len(opt.state()))
+        ckpt_limit = watch.timeout() + ckpt_bytes * max(1, world.Get_size()) / wd.WRITE_BYTES_S
     if model.tp > 1 or engine.zero is not None:  # the memory ledger at start-up
-        start = memory_record(world, engine.memory(), opt, 0, 0, 1, formula)
+        with watch.op("memory ledger gather"):
+            start = memory_record(world, engine.memory(), opt, 0, 0, 1, formula)
         if rank == 0 and not out.quiet:
             _log_ledger(start, engine.zero, log)
     tracer.start(world)
@@ -183,23 +224,29 @@ def train(run, log=print):
             rows = order[start + lo:start + hi]
             tp_formula += model.tp_bytes_formula(len(rows))
             steps_run += 1
+            watch.step = step + 1
+            t_step = time.perf_counter()
             loss = train_batch(engine, opt, ops, data, rows, stop - start, lr_at(step), tracer,
                                step)
             loss_sum += loss
             step += 1
             # NaN/inf stops the run here, before any checkpoint can hold it
             # (agreed over the ranks of one forward pass: a pipeline's stages and shards)
-            check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
-                         engine.activations, guard_comm, guard_flat)
+            with watch.op("non-finite check"):
+                check_finite(model, loss, step, epoch, batch, rank, ckpt.last_saved,
+                             engine.activations, guard_comm, guard_flat)
+            watch.step_time(time.perf_counter() - t_step)
             if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
-                with tracer.span("checkpoint", step=step):
+                with tracer.span("checkpoint", step=step), \
+                        watch.op("checkpoint", limit=ckpt_limit):
                     check_replicas(engine, grid, model, f"at step {step}")
                     ckpt.save(model, opt, step, epoch, batch, loss_sum)
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
         tp_measured = model.take_tp_bytes()  # before the evaluation's forward passes add theirs
         trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
-        with tracer.span("evaluate"):  # (later pipeline stages receive activations instead)
+        with tracer.span("evaluate"), watch.op("evaluation", ("epoch {}", epoch)):
+            # (later pipeline stages receive activations instead)
             x_test = ops.to_device(data.test_features(t_lo, t_hi)) if engine.needs_inputs \
                 else None  # this rank's test rows, (t, I): made for the evaluation, then freed
             test_loss, correct = engine.evaluate(x_test, y_test)
@@ -216,20 +263,23 @@ def train(run, log=print):
             "lr": lr_at(step),
             "ranks": world.Get_size(),
         }
-        record.update(engine.epoch_metrics())  # collective (a pipeline's stage times)
-        record.update(memory_record(world, engine.memory(), opt, tp_measured, tp_formula,
-                                    steps_run, formula))  # collective
+        with watch.op("epoch metrics gather", ("epoch {}", epoch)):
+            record.update(engine.epoch_metrics())  # collective (a pipeline's stage times)
+            record.update(memory_record(world, engine.memory(), opt, tp_measured, tp_formula,
+                                        steps_run, formula))  # collective
         history.append(record)
         if rank == 0:
             _report(record, out, log)
-        check_replicas(engine, grid, model, f"after epoch {epoch}")  # periodic check
+        with watch.op("replica check", ("epoch {}", epoch)):
+            check_replicas(engine, grid, model, f"after epoch {epoch}")  # periodic check
         if ckpt.due_after_epoch(epoch) or ckpt.due_after_step(step) or \
                 (ckpt.enabled and epoch == config.epochs):  # the next epoch starts at batch 0
-            with tracer.span("checkpoint", step=step):
+            with tracer.span("checkpoint", step=step), watch.op("checkpoint", limit=ckpt_limit):
                 path = ckpt.save(model, opt, step, epoch + 1, 0, 0.0)
             if path and not out.quiet:
                 log(f"checkpoint {path}")
-    _finish(run, history, log)
+    with watch.op("end of training (weights, timeline)", limit=ckpt_limit):
+        _finish(run, history, log, watch)
     return history
 
 
@@ -266,8 +316,9 @@ def _report(record, out, log):
             + f"  bubble {record['bubble']:.3f}")
 
 
-def _finish(run, history, log):
-    """After the last epoch: the weights (gathered), the timeline, the curves."""
+def _finish(run, history, log, watch):
+    """After the last epoch: the weights (gathered), the timeline and the flight
+    record, the curves."""
     out, grid, tracer = run.config.output, run.grid, run.tracer
     rank = grid.world.Get_rank()
     state = run.engine.state_dict() if out.save else None  # a pipeline gathers it to rank 0
@@ -277,6 +328,8 @@ def _finish(run, history, log):
             log(f"saved weights to {out.save}")
     if tracer.enabled:  # collective: every rank's spans to rank 0
         tracer.write(out.trace, grid.world, label=lambda r: rank_label(r, grid.pp, grid.tp))
+        if watch.enabled:  # beside the timeline: this rank's last communication events
+            watch.write_flight(f"{out.trace}.flight-rank{rank}.json")
         if rank == 0 and not out.quiet:
             log(f"wrote timeline {out.trace} (open in https://ui.perfetto.dev)")
     if out.plot and rank == 0:

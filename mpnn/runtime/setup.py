@@ -166,24 +166,41 @@ def load_data(config, comm, dtype):
             data = load()
         except Exception as e:  # noqa: BLE001 - re-raised below once every rank knows
             error = e
-    if any(comm.allgather(error is not None)):  # a node that could not load ends the job
-        if error is not None:
-            raise error
-        raise SystemExit(2)  # that node's leader reports it
+    _agree(comm, error)  # a node that could not load ends the job
     if node.Get_size() == 1:
         return data, None
+    note = None
     try:
         shared = share_on_node(data, node)
-    except SharedDataError as e:
-        if not leader:
-            data = load()
+    except SharedDataError as e:  # (on every rank of the node)
+        shared = None
         note = (f"mpnn: warning: the dataset is not shared on this node: {e}; each of its "
                 f"{node.Get_size()} ranks holds its own copy (give /dev/shm more room, e.g. "
                 f"docker run --shm-size 1g, or pass --no-shared-data to silence this)")
+    except Exception as e:  # noqa: BLE001 - agreed below, so no rank is left waiting
+        shared, error = None, e
+    finally:
+        node.Free()  # (the window keeps what it needs of it)
+    if shared is None and error is None and not leader:
+        try:
+            data = load()  # a private copy after all
+        except Exception as e:  # noqa: BLE001
+            error = e
+    _agree(comm, error)
+    if shared is None:
         return data, note if leader else None
     del data  # the leader's private copy: give its pages back to the system
     _trim_heap()
     return shared, None
+
+
+def _agree(comm, error):
+    """Every rank learns whether any failed: this one re-raises its error, the
+    others leave with status 2 (the failed rank reports)."""
+    if any(comm.allgather(error is not None)):
+        if error is not None:
+            raise error
+        raise SystemExit(2)
 
 
 def _trim_heap():
@@ -225,7 +242,7 @@ def warm_up(model, config, data):
     ops, m, o = model.ops, config.model, config.optim
     tiny = MLP([data.n_features, 2, 2, data.num_classes], m.activation, model.dtype, 0, ops=ops)
     x = ops.to_device(data.train_features(slice(0, 2)))  # (2, I), as the trainer's rows
-    y = ops.to_device(data.y_train[:2])
+    y = ops.to_device(np.array(data.y_train[:2]))  # writable, as the trainer's gathered labels
     ctx = Context()
     logits = tiny.forward(x, ctx)  # (2, C)
     dlogits = ops.xp.empty_like(logits)

@@ -25,6 +25,7 @@ import json
 import os
 import time
 
+from ..data.shared import release_all
 from ..runtime.agree import gather_outcome
 from ..runtime.config import validate
 from ..runtime.guards import PeerReportedError
@@ -84,6 +85,7 @@ def run_trial(trial, comm, out, t0, group, threads=None):
     if run is not None:
         run.close()  # the shared windows (every rank of the group gets here)
         _free(run.grid)
+    release_all()  # what a failed setup left open
     end = time.perf_counter()
     if rank != 0:
         return None

@@ -1,0 +1,77 @@
+"""What the watchdog costs: samples/s with ``--timeout 0`` (off) against the default.
+
+    python -m mpnn.bench.watchdog [--rounds 7]
+
+``python -m mpnn.train --dataset synthetic --batch-size 64 --epochs 4 --threads 1``
+(the default 784-256-128-64-10 model, 938 steps an epoch), serially and at
+``mpirun -n 2``, with the watchdog off and on, alternating within every
+round (which goes first alternates too). A run's figure is the median
+samples/s of its epochs 2-4; the cost is 1 − on/off of the two runs of one
+round, reported as the median [min, max] over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from .dp_worker import find_mpirun, train_records
+
+ARGV = ["--dataset", "synthetic", "--batch-size", "64", "--epochs", "4", "--threads", "1",
+        "--quiet"]
+SETTINGS = {"off": ["--timeout", "0"], "on": []}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m mpnn.bench.watchdog",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", metavar="PATH")
+    return p.parse_args(argv)
+
+
+def measure(rounds=7, ranks=(1, 2)):
+    """{ranks: {"off": [samples/s...], "on": [...], "cost": [1 - on/off per round]}}."""
+    mpirun = find_mpirun()
+    out = {n: {"off": [], "on": [], "cost": []} for n in ranks}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for n in ranks:
+                got = {}
+                order = ("off", "on") if r % 2 == 0 else ("on", "off")  # neither always first
+                for setting in order:
+                    metrics = Path(tmp) / f"{n}-{setting}-{r}.jsonl"
+                    records = train_records(ARGV + SETTINGS[setting], metrics, ranks=n,
+                                            mpirun=mpirun, who="mpnn.bench.watchdog")
+                    got[setting] = statistics.median(r["samples_per_s"] for r in records[1:])
+                    out[n][setting].append(got[setting])
+                out[n]["cost"].append(1 - got["on"] / got["off"])
+    return out
+
+
+def report(result):
+    print("the watchdog's cost (synthetic, batch 64, one thread per rank; median [min, max] "
+          "over rounds):")
+    for n, r in result.items():
+        cost = r["cost"]
+        print(f"  {n} rank(s): samples/s off {statistics.median(r['off']):,.0f}, on "
+              f"{statistics.median(r['on']):,.0f}; cost {statistics.median(cost):+.1%} "
+              f"[{min(cost):+.1%}, {max(cost):+.1%}]")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = measure(args.rounds)
+    report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
