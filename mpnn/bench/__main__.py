@@ -215,6 +215,7 @@ def main(argv=None):
         from . import watchdog
 
         report["watchdog"] = watchdog.measure()
+        report["watchdog"]["parts"] = watchdog.parts(report["watchdog"])
         print()
         watchdog.report(report["watchdog"])
 
