@@ -40,6 +40,7 @@ import tempfile
 from pathlib import Path
 
 from .dp_worker import find_mpirun, train_records
+from .report import show
 
 BATCH = 256
 ROWS = 60000  # the synthetic dataset's training rows
@@ -166,10 +167,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = measure(args.rounds, not args.no_hosts)
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return show(result, report, args.json)
 
 
 if __name__ == "__main__":

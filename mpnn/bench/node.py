@@ -23,7 +23,6 @@ float32 and only indexed, at batch 64 and 256: median [min, max] of
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .dp_worker import find_mpirun
+from .report import show
 
 GATHER_BATCHES = (64, 256)
 GATHERS = 2000
@@ -222,10 +222,7 @@ def measure(dataset="fashion-mnist", ranks=4, rounds=3, with_memory=True):
 def main(argv=None):
     args = parse_args(argv)
     result = measure(args.dataset, args.ranks, args.rounds, not args.no_memory)
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return show(result, report, args.json)
 
 
 if __name__ == "__main__":

@@ -144,3 +144,11 @@ def targets_section(targets):
 def write_json(path, report):
     Path(path).write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path}")
+
+
+def show(result, report, json_path=None):
+    """A sub-benchmark's end: ``report(result)`` printed, the figures as JSON if asked."""
+    report(result)
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+    return 0

@@ -21,7 +21,6 @@ over static's in the same round.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from ..sweep.report import makespan, read_results
 from .dp_worker import find_mpirun
+from .report import show
 
 SPEC = """# the skewed sweep of python -m mpnn.bench.sweep: costs differ tenfold
 [base]
@@ -121,10 +121,7 @@ def main(argv=None):
         Path(args.write_spec).write_text(SPEC)
         return 0
     result = measure(args.rounds)
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return show(result, report, args.json)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from .dp_worker import find_mpirun, train_records
+from .report import show
 
 ARGV = ["--dataset", "synthetic", "--batch-size", "64", "--epochs", "4", "--threads", "1",
         "--quiet"]
@@ -119,10 +120,7 @@ def main(argv=None):
     args = parse_args(argv)
     result = measure(args.rounds)
     result["parts"] = parts(result)
-    report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
-    return 0
+    return show(result, report, args.json)
 
 
 if __name__ == "__main__":
