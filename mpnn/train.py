@@ -43,6 +43,7 @@ from .kernels import BACKENDS
 from .nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
 from .nn.optim import LR_SCHEDULES, OPTIMIZERS
 from .parallel.pipeline_orders import SCHEDULES
+from .runtime import watchdog
 from .runtime.agree import abort_on_error, interrupted, on_every_rank
 from .runtime.checkpoint import prepare_checkpoint_dir
 from .runtime.config import (
@@ -242,6 +243,7 @@ def _main(comm, argv):
         lock = prepare_checkpoint_dir(config.checkpoint, lock=rank == 0)
         if lock is not None:
             held.append(lock)
+            watchdog.at_abort(lock.release)  # its MPI_Abort skips the finally below
         return config
 
     try:

@@ -87,7 +87,7 @@ def _stalled_run(tmp_path, grid, stop_rank, ranks=4):
 
 
 @pytest.mark.parametrize("grid, stop_rank, what", [
-    ([], 2, "gradient Allreduce"),
+    ([], 0, "gradient Allreduce"),  # rank 0 stopped: rank 1 reports
     (["--dp", "2", "--pp", "2", "--micro-batches", "2"], 1, ""),
 ], ids=["data-parallel", "dp2-pp2"])
 def test_a_stopped_rank_ends_the_job_with_a_diagnosis(tmp_path, grid, stop_rank, what):
@@ -131,10 +131,9 @@ def test_without_the_check_the_watchdog_records_and_passes_healthy_runs(tmp_path
     assert code == 0, out
     for r in (0, 1):
         record = json.loads(Path(f"{trace}.flight-rank{r}.json").read_text())
-        assert record["rank"] == r  # written while the run's last op (the end) is open
-        assert record["waiting"]["what"].startswith("end of training")
+        assert record["rank"] == r and record["waiting"] is None  # (after the last wait)
         whats = {op["what"].split(" of step")[0] for op in record["ops"]}
-        assert "gradient Allreduce" in whats and "metrics sum" in whats, whats
+        assert {"gradient Allreduce", "metrics sum", "timeline gather"} <= whats, whats
 
 
 def test_a_long_healthy_step_does_not_trip_the_default_timeout():

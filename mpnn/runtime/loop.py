@@ -201,16 +201,23 @@ def _train(run, log, watch):
     if out.metrics and rank == 0:  # one run's lines per file (a resumed run keeps its past epochs)
         keep_metrics(out.metrics, first_epoch - 1)
     history = []
-    ckpt_limit = None  # a checkpoint's waits: the timeout and the time to write its bytes
-    if watch.enabled:
-        ckpt_bytes = model.layout.numel * model.dtype.itemsize * (1 + len(opt.state()))
-        ckpt_limit = watch.timeout() + ckpt_bytes * max(1, world.Get_size()) / wd.WRITE_BYTES_S
+    # a checkpoint's waits: the timeout and the time to write its bytes (the whole model:
+    # this rank's stage times the stages, with the optimizer's state)
+    ckpt_bytes = model.layout.numel * model.dtype.itemsize * (1 + len(opt.state())) * grid.pp
+
+    def ckpt_limit():
+        return watch.timeout() + ckpt_bytes / wd.WRITE_BYTES_S if watch.enabled else None
+
+    def saved_everywhere():  # the others wait for rank 0's write here, under ckpt_limit
+        if watch.enabled and world.Get_size() > 1:
+            world.Barrier()
     if model.tp > 1 or engine.zero is not None:  # the memory ledger at start-up
         with watch.op("memory ledger gather"):
             start = memory_record(world, engine.memory(), opt, 0, 0, 1, formula)
         if rank == 0 and not out.quiet:
             _log_ledger(start, engine.zero, log)
-    tracer.start(world)
+    with watch.op("timeline's start barrier"):
+        tracer.start(world)
     for epoch in range(first_epoch, config.epochs + 1):
         order = epoch_permutation(n, config.seed, epoch)
         t0 = time.perf_counter()
@@ -238,14 +245,20 @@ def _train(run, log, watch):
             watch.step_time(time.perf_counter() - t_step)
             if ckpt.due_after_step(step) and batch < len(bounds):  # the epoch's end saves below
                 with tracer.span("checkpoint", step=step), \
-                        watch.op("checkpoint", limit=ckpt_limit):
+                        watch.op("checkpoint", limit=ckpt_limit()):
                     check_replicas(engine, grid, model, f"at step {step}")
                     ckpt.save(model, opt, step, epoch, batch, loss_sum)
+                    saved_everywhere()
         ops.synchronize()
         epoch_time = time.perf_counter() - t0
         tp_measured = model.take_tp_bytes()  # before the evaluation's forward passes add theirs
         trained = n - bounds[skip][0] if skip < len(bounds) else 0  # rows this run trained
-        with tracer.span("evaluate"), watch.op("evaluation", ("epoch {}", epoch)):
+        # (the evaluation computes too: its limit adds the time of its forward passes, about
+        # a third of a step's work per global batch of test rows)
+        eval_limit = watch.timeout() + n_test / config.batch_size * (watch.slowest_step or 0) \
+            if watch.enabled else None
+        with tracer.span("evaluate"), \
+                watch.op("evaluation", ("epoch {}", epoch), limit=eval_limit):
             # (later pipeline stages receive activations instead)
             x_test = ops.to_device(data.test_features(t_lo, t_hi)) if engine.needs_inputs \
                 else None  # this rank's test rows, (t, I): made for the evaluation, then freed
@@ -274,12 +287,13 @@ def _train(run, log, watch):
             check_replicas(engine, grid, model, f"after epoch {epoch}")  # periodic check
         if ckpt.due_after_epoch(epoch) or ckpt.due_after_step(step) or \
                 (ckpt.enabled and epoch == config.epochs):  # the next epoch starts at batch 0
-            with tracer.span("checkpoint", step=step), watch.op("checkpoint", limit=ckpt_limit):
+            with tracer.span("checkpoint", step=step), \
+                    watch.op("checkpoint", limit=ckpt_limit()):
                 path = ckpt.save(model, opt, step, epoch + 1, 0, 0.0)
+                saved_everywhere()
             if path and not out.quiet:
                 log(f"checkpoint {path}")
-    with watch.op("end of training (weights, timeline)", limit=ckpt_limit):
-        _finish(run, history, log, watch)
+    _finish(run, history, log, watch, ckpt_limit() if watch.enabled else None)
     return history
 
 
@@ -316,18 +330,21 @@ def _report(record, out, log):
             + f"  bubble {record['bubble']:.3f}")
 
 
-def _finish(run, history, log, watch):
+def _finish(run, history, log, watch, limit=None):
     """After the last epoch: the weights (gathered), the timeline and the flight
     record, the curves."""
     out, grid, tracer = run.config.output, run.grid, run.tracer
     rank = grid.world.Get_rank()
-    state = run.engine.state_dict() if out.save else None  # a pipeline gathers it to rank 0
+    with watch.op("weights gather", limit=limit):
+        state = run.engine.state_dict() if out.save else None  # a pipeline gathers it
     if out.save and rank == 0:
         save_weights(out.save, state)
         if not out.quiet:
             log(f"saved weights to {out.save}")
     if tracer.enabled:  # collective: every rank's spans to rank 0
-        tracer.write(out.trace, grid.world, label=lambda r: rank_label(r, grid.pp, grid.tp))
+        with watch.op("timeline gather", limit=limit):
+            tracer.write(out.trace, grid.world,
+                         label=lambda r: rank_label(r, grid.pp, grid.tp))
         if watch.enabled:  # beside the timeline: this rank's last communication events
             watch.write_flight(f"{out.trace}.flight-rank{rank}.json")
         if rank == 0 and not out.quiet:

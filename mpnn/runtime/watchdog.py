@@ -67,6 +67,7 @@ STEP_FACTOR = 50  # ... and this many times the slowest step seen
 WRITE_BYTES_S = 20e6  # checkpoint waits: + bytes / this
 ABORT_WAIT_S = 3  # seconds; then the process ends without MPI_Abort's help
 EXIT_TIMEOUT = 124  # the job's exit status when the watchdog ends it (as timeout(1))
+DUMP = "__dump__"  # a heartbeat asking every rank for its flight record
 
 _now = time.perf_counter
 
@@ -152,14 +153,52 @@ class NullWatch:
         pass
 
 
-def _my_address():
-    """The address other hosts reach this one at: its name resolved (a cluster's hosts
-    file or DNS), else the loopback (a single machine)."""
+def _addresses():
+    """This host's IPv4 addresses other than the loopback (every interface that has
+    one: Linux's SIOCGIFADDR), then its name resolved; [] when none is found."""
+    import fcntl
+    import struct
+
+    found = []
     try:
-        address = socket.gethostbyname(socket.gethostname())
+        names = [name for _, name in socket.if_nameindex()]
     except OSError:
-        return "127.0.0.1"
-    return address
+        names = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for name in names:
+            try:
+                raw = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:  # (no IPv4 address on it)
+                continue
+            found.append(socket.inet_ntoa(raw[20:24]))
+    finally:
+        probe.close()
+    try:
+        found.append(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return [a for i, a in enumerate(found) if not a.startswith("127.") and a not in found[:i]]
+
+
+def _routes(mine, everyone):
+    """Where to send each rank's heartbeat: the loopback for a rank on this host, else
+    its address sharing the longest prefix with one of this host's (same subnet)."""
+    host, my_addresses, _ = mine
+
+    def shared_bits(a, b):
+        x = int.from_bytes(socket.inet_aton(a), "big") ^ int.from_bytes(socket.inet_aton(b), "big")
+        return 32 - x.bit_length()
+
+    routes = []
+    for name, addresses, port in everyone:
+        if name == host or not addresses:
+            routes.append(("127.0.0.1", port))
+            continue
+        best = max(addresses, key=lambda a: max((shared_bits(a, m) for m in my_addresses),
+                                               default=0))
+        routes.append((best, port))
+    return routes
 
 
 def _short(path):
@@ -172,10 +211,10 @@ def group_ranks(comm, name):
     """``name`` of world ranks a, b, ... (``comm``'s members), for the messages."""
     from mpi4py import MPI
 
-    group = comm.Get_group()
-    ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())),
-                                      MPI.COMM_WORLD.Get_group())
+    group, everyone = comm.Get_group(), MPI.COMM_WORLD.Get_group()
+    ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), everyone)
     group.Free()
+    everyone.Free()
     return f"{name} of world rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
@@ -185,7 +224,15 @@ class Watch:
     enabled = True
 
     def __init__(self, world, timeout=None, check=False, out_dir=None, prog="mpnn.train"):
-        self.world, self.rank, self.size = world, world.Get_rank(), world.Get_size()
+        from mpi4py import MPI
+
+        self.world, self.index, self.size = world, world.Get_rank(), world.Get_size()
+        # messages and files name world ranks (a sweep's group is part of the world)
+        group, everyone = world.Get_group(), MPI.COMM_WORLD.Get_group()
+        self.world_ranks = MPI.Group.Translate_ranks(group, list(range(self.size)), everyone)
+        group.Free()
+        everyone.Free()
+        self.rank = self.world_ranks[self.index]
         self.fixed = timeout  # None: the default, following the step time
         self.check = check
         self.out_dir = out_dir or "."
@@ -206,6 +253,8 @@ class Watch:
         self._peers = []  # every rank's heartbeat address, (host, port)
         self._sent = [0] * self.size  # heartbeats sent to / received from each rank
         self._received = [0] * self.size
+        self._token = None  # this run's, in every datagram (others' are ignored)
+        self._dumped = False
 
     # ------------------------------------------------------------ main thread
 
@@ -222,8 +271,10 @@ class Watch:
         if comm is not None:
             seq = self.seqs.get(id(comm), 0)
             self.seqs[id(comm)] = seq + 1
-            if self.check and check is not None:
-                self._fingerprint(comm, what, seq, check)
+            if self.check and check is not None:  # (itself a watched wait)
+                with _Op(self, f"--check-collectives exchange before the {what}", detail,
+                         ranks, None, 0, seq, limit):
+                    self._fingerprint(comm, what, seq, check)
         return _Op(self, what, detail, ranks, peer, nbytes, seq, limit)
 
     def step_time(self, seconds):
@@ -239,7 +290,7 @@ class Watch:
         return max(self.floor, STEP_FACTOR * self.slowest_step)
 
     def _fingerprint(self, comm, what, seq, check):
-        frames = [sys._getframe(2), sys._getframe(3)]  # the op's caller, and its caller
+        frames = [sys._getframe(2), sys._getframe(3)]  # op's caller, and its caller
         site = ", called from ".join(
             f"{_short(f.f_code.co_filename)}:{f.f_lineno} ({f.f_code.co_name})"
             for f in frames)
@@ -264,7 +315,9 @@ class Watch:
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._sock.bind(("0.0.0.0", 0))
             self._sock.setblocking(False)
-            self._peers = self.world.allgather((_my_address(), self._sock.getsockname()[1]))
+            self._token = self.world.bcast(os.urandom(8).hex() if self.index == 0 else None)
+            mine = (socket.gethostname(), _addresses(), self._sock.getsockname()[1])
+            self._peers = _routes(mine, self.world.allgather(mine))
         self._thread = threading.Thread(target=self._run, name="mpnn-watchdog", daemon=True)
         self._thread.start()
 
@@ -278,9 +331,13 @@ class Watch:
             self._sock = None
 
     def halt(self):
-        """Stop the thread without the collective part of ``stop`` (a failure is
-        ending the run; the heartbeat communicator is left to MPI's finalization)."""
+        """Stop the thread and close the socket (a failure is ending the run)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * BEAT_S)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def write_flight(self, path):
         """This rank's flight record as JSON (an atomic rename)."""
@@ -316,8 +373,9 @@ class Watch:
                     limit = cur.limit if cur.limit is not None else self.timeout()
                     waited = _now() - cur.t0
                     if limit > 0 and waited > limit and self.current is cur:
-                        self._fire(cur, waited, limit)
-                        return
+                        if self._fire(cur, waited, limit):
+                            return
+                        continue  # the wait ended during the grace: a slow rank, not a dead one
             except Exception as e:  # noqa: BLE001 - a broken watchdog must not end training
                 print(f"{self.prog}: watchdog on rank {self.rank} stopped: "
                       f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -327,9 +385,9 @@ class Watch:
         sock = self._sock
         if sock is None:
             return
-        message = json.dumps([self.rank, *self._state()]).encode()
+        message = json.dumps([self._token, self.index, *self._state()]).encode()
         for dest, address in enumerate(self._peers):
-            if dest != self.rank:
+            if dest != self.index:
                 try:
                     sock.sendto(message, address)
                     self._sent[dest] += 1
@@ -343,44 +401,83 @@ class Watch:
             except OSError:
                 break
             try:
-                src, step, what, waited = json.loads(data)
-            except (ValueError, TypeError):
-                continue  # not a heartbeat of this run
-            if 0 <= src < self.size:
-                self.heard[src] = (_now(), (step, what, waited))
+                token, src, step, what, waited = json.loads(data)
+                if token != self._token or not 0 <= src < self.size:
+                    continue  # not a heartbeat of this run
+                if what == DUMP:  # another rank fired: this one's record too
+                    self._dump()
+                    continue
+                self.heard[src] = (_now(), (int(step), what, float(waited)))
                 self._received[src] += 1
+            except (ValueError, TypeError):
+                continue
+
+    def _dump(self):
+        """Write this rank's flight record (once)."""
+        if self._dumped:
+            return None
+        self._dumped = True
+        try:
+            return self.write_flight(os.path.join(self.out_dir, f"flight-rank{self.rank}.json"))
+        except OSError:
+            return None
+
+    def _ask_for_dumps(self):
+        message = json.dumps([self._token, self.index, self.step, DUMP, 0.0]).encode()
+        for dest, address in enumerate(self._peers):
+            if dest != self.index:
+                try:
+                    self._sock.sendto(message, address)
+                except OSError:
+                    pass
 
     def _fire(self, cur, waited, limit):
+        """Report and end the job; False when this rank was to wait for another's report
+        and its own wait ended meanwhile (a slow rank: the watch goes on)."""
+        try:
+            return self._report(cur, waited, limit)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the job must not hang
+            print(f"{self.prog}: watchdog on world rank {self.rank}: the {cur.describe()} has "
+                  f"waited {waited:.1f} s (timeout {limit:.0f} s); the report failed "
+                  f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            self._end()
+            return True
+
+    def _report(self, cur, waited, limit):
         now = _now()
         live = {r: s for r, (t, s) in self.heard.items() if now - t < SILENT_BEATS * BEAT_S}
-        silent = [r for r in range(self.size) if r != self.rank and r not in live]
-        waiting = [r for r, s in live.items() if s[1] is not None]
-        reporter = min([self.rank, *waiting])
-        path = None
-        try:
-            path = self.write_flight(os.path.join(self.out_dir, f"flight-rank{self.rank}.json"))
-        except OSError:
-            pass
-        if self.rank != reporter:  # the reporter's abort ends this rank too
+        silent = [r for r in range(self.size) if r != self.index and r not in live]
+        # the reporter: the lowest rank past (about) the timeout among those that answer
+        waiting = [r for r, s in live.items() if s[1] is not None and s[2] >= limit / 2]
+        reporter = min([self.index, *waiting])
+        if self._sock is not None:
+            self._ask_for_dumps()
+        path = self._dump()
+        if self.index != reporter:  # the reporter's abort ends this rank too
             time.sleep(GRACE_S)
+            if self.current is not cur:
+                self._dumped = False
+                return False
+        elif self._sock is not None:
+            time.sleep(0.5)  # the others write their flight records
         since = time.strftime("%H:%M:%S", time.localtime(self.wall_origin + cur.t0
                                                          - self.t_origin))
         lines = [f"{self.prog}: watchdog: world rank {self.rank} has waited {waited:.1f} s "
                  f"(timeout {limit:.0f} s) in the {cur.describe()}, since {since}"]
         for r in silent:
-            t_s = self.heard.get(r)
+            t_s, name = self.heard.get(r), self.world_ranks[r]
             if t_s is None:
-                lines.append(f"  world rank {r}: not answering (no heartbeat since the start, "
+                lines.append(f"  world rank {name}: not answering (no heartbeat since the start, "
                              f"{now - self.t_origin:.1f} s ago)")
             else:
                 t, (step, what, w) = t_s
                 doing = f"waiting {w:.1f} s in the {what}" if what else "computing"
-                lines.append(f"  world rank {r}: not answering for {now - t:.1f} s (last heard "
-                             f"at step {step}, {doing})")
+                lines.append(f"  world rank {name}: not answering for {now - t:.1f} s (last "
+                             f"heard at step {step}, {doing})")
         for r in sorted(live):
             step, what, w = live[r]
             doing = f"waiting {w:.1f} s in the {what}" if what else "computing (not in MPI)"
-            lines.append(f"  world rank {r}: answering, step {step}, {doing}")
+            lines.append(f"  world rank {self.world_ranks[r]}: answering, step {step}, {doing}")
         if path:
             lines.append(f"  flight records: {os.path.join(self.out_dir, 'flight-rank*.json')} "
                          f"(each rank's last {FLIGHT_LEN} communication events)")
@@ -392,6 +489,7 @@ class Watch:
             pass
         time.sleep(0.2)  # let mpirun's proxy forward the lines before the kill
         self._end()
+        return True
 
     def _end(self):
         """MPI_Abort, and if that has not ended this process within ABORT_WAIT_S,
@@ -401,9 +499,22 @@ class Watch:
         launcher then ends the job as for a rank that died."""
         import signal
 
+        for release in list(_AT_ABORT):  # what MPI_Abort would skip (the directory's lock)
+            try:
+                release()
+            except Exception:  # noqa: BLE001, S110 - ending the job matters more
+                pass
         if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
             signal.alarm(int(ABORT_WAIT_S))
         self.world.Abort(EXIT_TIMEOUT)
+
+
+_AT_ABORT = []  # callables run before the watchdog's MPI_Abort (``at_abort``)
+
+
+def at_abort(release):
+    """Run ``release()`` before the watchdog ends the job (MPI_Abort skips every finally)."""
+    _AT_ABORT.append(release)
 
 
 watch = NullWatch()  # what the engines call; ``install`` replaces it for a run
