@@ -63,7 +63,8 @@ def test_serial_run_writes_a_trace(tmp_path):
         {"checkpoint"}  # no --checkpoint-dir: no checkpoint span
     assert sum(e["name"] == "optimizer" for e in spans(doc)) == 8  # ceil(1437 / 200) steps
     assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in spans(doc))
-    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]  # written atomically, no temporaries
+    # written atomically, no temporaries; beside it the watchdog's flight record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.json.flight-rank0.json"]
 
 
 @pytest.mark.mpi(min_size=2)
