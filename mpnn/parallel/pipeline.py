@@ -161,9 +161,7 @@ class PipelineEngine:
         self.clock = StageClock(self.v)  # seconds per kind of work since the last epoch_metrics
         # for the watchdog's messages: the pipeline's ranks as world ranks
         self._pipe_ranks = wd.group_ranks(self.comm, "this pipeline")
-        group, world_group = self.comm.Get_group(), MPI.COMM_WORLD.Get_group()
-        self._world_of = MPI.Group.Translate_ranks(group, list(range(self.p)), world_group)
-        group.Free()
+        self._world_of = wd.world_ranks(self.comm)
 
     # ------------------------------------------------------------- one step
 

@@ -149,6 +149,9 @@ class NullWatch:
            check=None):
         return _NO_OP
 
+    def fingerprint(self, comm, what, detail=None, ranks=None, check=None):
+        pass
+
     def step_time(self, seconds):
         pass
 
@@ -207,14 +210,20 @@ def _short(path):
     return "mpnn/" + path.rsplit(marker, 1)[1] if marker in path else path
 
 
-def group_ranks(comm, name):
-    """``name`` of world ranks a, b, ... (``comm``'s members), for the messages."""
+def world_ranks(comm):
+    """The world rank of each of ``comm``'s ranks, in its rank order."""
     from mpi4py import MPI
 
     group, everyone = comm.Get_group(), MPI.COMM_WORLD.Get_group()
     ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), everyone)
     group.Free()
     everyone.Free()
+    return ranks
+
+
+def group_ranks(comm, name):
+    """``name`` of world ranks a, b, ... (``comm``'s members), for the messages."""
+    ranks = world_ranks(comm)
     return f"{name} of world rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
@@ -224,14 +233,9 @@ class Watch:
     enabled = True
 
     def __init__(self, world, timeout=None, check=False, out_dir=None, prog="mpnn.train"):
-        from mpi4py import MPI
-
         self.world, self.index, self.size = world, world.Get_rank(), world.Get_size()
         # messages and files name world ranks (a sweep's group is part of the world)
-        group, everyone = world.Get_group(), MPI.COMM_WORLD.Get_group()
-        self.world_ranks = MPI.Group.Translate_ranks(group, list(range(self.size)), everyone)
-        group.Free()
-        everyone.Free()
+        self.world_ranks = world_ranks(world)
         self.rank = self.world_ranks[self.index]
         self.fixed = timeout  # None: the default, following the step time
         self.check = check
@@ -277,6 +281,11 @@ class Watch:
                     self._fingerprint(comm, what, seq, check)
         return _Op(self, what, detail, ranks, peer, nbytes, seq, limit)
 
+    def fingerprint(self, comm, what, detail=None, ranks=None, check=None):
+        """Number a collective whose wait is watched later (a nonblocking one, as it
+        starts) and, under --check-collectives, check it as ``op(check=...)`` does."""
+        self.op(what, detail, comm, ranks, check=check)  # (no wait of its own to record)
+
     def step_time(self, seconds):
         """A training step took ``seconds``: the default timeout follows the slowest."""
         if self.slowest_step is None or seconds > self.slowest_step:
@@ -290,7 +299,10 @@ class Watch:
         return max(self.floor, STEP_FACTOR * self.slowest_step)
 
     def _fingerprint(self, comm, what, seq, check):
-        frames = [sys._getframe(2), sys._getframe(3)]  # op's caller, and its caller
+        caller = sys._getframe(1)
+        while caller.f_code.co_filename == __file__:  # past op() and fingerprint()
+            caller = caller.f_back
+        frames = [caller, caller.f_back]  # the caller, and its caller
         site = ", called from ".join(
             f"{_short(f.f_code.co_filename)}:{f.f_lineno} ({f.f_code.co_name})"
             for f in frames)
