@@ -8,6 +8,7 @@
                                       its message and ends the whole job (MPI_Abort,
                                       status 1) instead of leaving the others waiting
     interrupted(comm, prog)           Ctrl-C: ends every rank with status 130
+    abort(comm, code)                 MPI_Abort, then this process's end in any case
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def abort_on_error(comm, run, prog="mpnn.train", release=()):
             held.release()
         if comm.Get_size() > 1:
             time.sleep(ABORT_GRACE_S)  # let mpirun's proxy forward the line before the kill
-            comm.Abort(1)
+            abort(comm, 1)
         return 1
     return 0
 
@@ -129,5 +130,19 @@ def interrupted(comm, prog="mpnn.train"):
     say(f"{prog}: interrupted on rank {comm.Get_rank()}; ending the job (checkpoints "
         f"already written stay)")
     if comm.Get_size() > 1:
-        comm.Abort(130)  # a rank waiting in a collective would never hear of it
+        abort(comm, 130)  # a rank waiting in a collective would never hear of it
     return 130
+
+
+def abort(comm, code):
+    """``MPI_Abort(comm, code)``, then end this process with ``code`` should it return.
+
+    Under hydra MPICH's MPI_Abort returns once its request is on the way to mpirun,
+    whose proxies then kill the job. Where that kill cannot come (the link to mpirun's
+    host is down), a process that went on would reach MPI_Finalize and wait in its
+    barrier for mpirun for ever, still holding its place in the job."""
+    comm.Abort(code)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

@@ -509,8 +509,11 @@ class Watch:
         the kernel does: MPI_Abort does not return when the network to the other
         ranks is gone, and it holds Python's GIL meanwhile, so no Python timer
         could run; SIGALRM's default action ends the process instead, and the
-        launcher then ends the job as for a rank that died."""
+        launcher then ends the job as for a rank that died. Where it returns (it may,
+        ``agree.abort``), the process ends at once."""
         import signal
+
+        from .agree import abort
 
         for release in list(_AT_ABORT):  # what MPI_Abort would skip (the directory's lock)
             try:
@@ -519,7 +522,7 @@ class Watch:
                 pass
         if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):
             signal.alarm(int(ABORT_WAIT_S))
-        self.world.Abort(EXIT_TIMEOUT)
+        abort(self.world, EXIT_TIMEOUT)  # and where MPI_Abort returns, the process ends
 
 
 _AT_ABORT = []  # callables run before the watchdog's MPI_Abort (``at_abort``)

@@ -131,13 +131,13 @@ class Coordinator:
         try:
             self.on_result(result)
         except Exception as e:  # noqa: BLE001 - reported, then the job ends
-            from ..runtime.agree import say
+            from ..runtime.agree import abort, say
 
             say(f"mpnn.sweep: error: cannot record the result of trial {result['id']}: "
                 f"{type(e).__name__}: {e}; the trials recorded so far are in results.jsonl "
                 f"(continue with --resume)")
             time.sleep(0.2)
-            MPI.COMM_WORLD.Abort(1)
+            abort(MPI.COMM_WORLD, 1)
 
     def _assign(self, group):
         k = self.plan.next(group)
