@@ -43,6 +43,7 @@ from .kernels import BACKENDS
 from .nn.functional import HIDDEN_ACTIVATIONS, LOSS_NAMES
 from .nn.optim import LR_SCHEDULES, OPTIMIZERS
 from .parallel.pipeline_orders import SCHEDULES
+from .parallel.ps_config import DEFAULT_STALENESS, SYNCS, parse_straggler
 from .runtime import watchdog
 from .runtime.agree import abort_on_error, interrupted, on_every_rank
 from .runtime.checkpoint import prepare_checkpoint_dir
@@ -177,6 +178,22 @@ def build_parser():
                         "...; default 1)")
     g.add_argument("--partition", default=None, metavar="N1,N2,...",
                    help="layers per stage, e.g. 2,1,1 (default: balance the estimated cost)")
+    g = p.add_argument_group("parameter servers and consistency models")
+    g.add_argument("--sync", default="bsp", choices=SYNCS,
+                   help="consistency of parameter-server training (default bsp): bsp steps "
+                        "all workers together (equal to serial training), ssp lets a worker "
+                        "run up to --staleness steps ahead of the slowest, asp never waits; "
+                        "ssp and asp imply --servers 1")
+    g.add_argument("--servers", type=nonneg_int, default=None, metavar="K",
+                   help="world ranks 0..K-1 hold shards of the parameters and the optimizer "
+                        "state, the others are workers that pull parameters and push "
+                        "gradients (default 0: no servers, gradients summed by Allreduce)")
+    g.add_argument("--staleness", type=nonneg_int, default=None, metavar="S",
+                   help="--sync ssp: the most steps a worker may be ahead of the slowest "
+                        "(default 2)")
+    g.add_argument("--straggler", type=parse_straggler, default=None, metavar="RANK:FACTOR",
+                   help="experiments: worker RANK (a world rank) computes FACTOR times slower "
+                        "(it sleeps for the extra time), e.g. 1:3")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="write resumable checkpoints DIR/ckpt-<step>.npz (created if missing)")
@@ -200,11 +217,21 @@ def config_from_args(ns):
                           ns.weight_decay),
         parallel=ParallelConfig(ns.dp, ns.pp, ns.tp, ns.micro_batches, ns.schedule,
                                 ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads,
-                                ns.zero, ns.allreduce, ns.timeout, ns.check_collectives),
+                                ns.zero, ns.allreduce, ns.timeout, ns.check_collectives,
+                                ns.sync, _servers(ns), _staleness(ns), ns.straggler),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),
         epochs=ns.epochs, batch_size=ns.batch_size, seed=ns.seed)
+
+
+def _servers(ns):
+    """--servers, or 1 when --sync ssp/asp asks for servers without a number."""
+    return ns.servers if ns.servers is not None else (1 if ns.sync != "bsp" else 0)
+
+
+def _staleness(ns):
+    return ns.staleness if ns.staleness is not None or ns.sync != "ssp" else DEFAULT_STALENESS
 
 
 def parse_config(argv=None):

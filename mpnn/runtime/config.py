@@ -86,6 +86,10 @@ class ParallelConfig:
     timeout: float | None = None  # watchdog seconds for any wait on MPI (None: follows the
     #                               step time, runtime.watchdog; 0: off)
     check_collectives: bool = False  # fingerprint every collective first (debugging)
+    sync: str = "bsp"  # parameter servers' consistency: bsp | ssp | asp (parallel.param_server)
+    servers: int = 0  # parameter-server ranks (0: none, gradients are summed by Allreduce)
+    staleness: int | None = None  # ssp: how far a worker may run ahead of the slowest
+    straggler: tuple | None = None  # (world rank, factor): that worker computes slower
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,17 @@ def validate(config, world_size):
         raise ConfigError(f"unknown optimizer {o.optimizer!r}; choose one of "
                           f"{', '.join(OPTIMIZERS)}")
     replicas = world_size // (par.pp * par.tp) if par.pp >= 1 and par.tp >= 1 else world_size
-    if par.pp == 1 and config.batch_size < replicas:
+    from ..parallel.ps_config import PsConfigError, check_ps_config
+
+    try:
+        check_ps_config(par.sync, par.servers, par.staleness, par.straggler, world_size, par.pp,
+                        par.tp, par.zero, par.allreduce, m.backend,
+                        config.checkpoint.every, config.batch_size)
+    except PsConfigError as e:
+        raise ConfigError(str(e)) from None
+    if par.sync != "bsp" and not par.servers:
+        raise ConfigError(f"--sync {par.sync} runs through parameter servers: add --servers K")
+    if par.pp == 1 and not par.servers and config.batch_size < replicas:
         who = f"{replicas} ranks" if par.tp == 1 else f"{replicas} data-parallel replicas"
         raise ConfigError(f"--batch-size {config.batch_size} is smaller than the {who}: every "
                           f"{'rank' if par.tp == 1 else 'replica'} needs at least one row of "

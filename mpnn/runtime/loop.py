@@ -164,6 +164,10 @@ def train(run, log=print):
 
 
 def _train(run, log, watch):
+    if run.config.parallel.servers:  # parameter servers: epochs of their own
+        from .ps_loop import train as train_ps
+
+        return train_ps(run, log, watch)
     config, grid, data, model, engine, tracer = (run.config, run.grid, run.data, run.model,
                                                  run.engine, run.tracer)
     o, out = config.optim, config.output
@@ -330,9 +334,9 @@ def _report(record, out, log):
             + f"  bubble {record['bubble']:.3f}")
 
 
-def _finish(run, history, log, watch, limit=None):
-    """After the last epoch: the weights (gathered), the timeline and the flight
-    record, the curves."""
+def _finish(run, history, log, watch, limit=None, label=None):
+    """After the last epoch: the weights (gathered), the timeline (``label(r)``: world
+    rank r's name there) and the flight record, the curves."""
     out, grid, tracer = run.config.output, run.grid, run.tracer
     rank = grid.world.Get_rank()
     with watch.op("weights gather", limit=limit):
@@ -344,7 +348,7 @@ def _finish(run, history, log, watch, limit=None):
     if tracer.enabled:  # collective: every rank's spans to rank 0
         with watch.op("timeline gather", limit=limit):
             tracer.write(out.trace, grid.world,
-                         label=lambda r: rank_label(r, grid.pp, grid.tp))
+                         label=label or (lambda r: rank_label(r, grid.pp, grid.tp)))
         if watch.enabled:  # beside the timeline: this rank's last communication events
             watch.write_flight(f"{out.trace}.flight-rank{rank}.json")
         if rank == 0 and not out.quiet:

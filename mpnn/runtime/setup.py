@@ -112,8 +112,14 @@ def setup(config, comm):
 
 def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
     """A data-parallel replica of the whole model, or this rank's pipeline stage
-    (either with its model states sharded over its replicas under ``--zero``)."""
+    (either with its model states sharded over its replicas under ``--zero``), or a
+    parameter server or worker (``--servers``)."""
     par, loss = config.parallel, config.model.loss
+    if par.servers:
+        from ..parallel.param_server import ParameterServerEngine
+
+        return ParameterServerEngine(model, loss, grid.world, par.sync, par.servers,
+                                     par.staleness, par.straggler, tracer)
     if grid.pp == 1:
         return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer, par.zero,
                                   par.allreduce)
