@@ -194,6 +194,10 @@ def build_parser():
     g.add_argument("--straggler", type=parse_straggler, default=None, metavar="RANK:FACTOR",
                    help="experiments: worker RANK (a world rank) computes FACTOR times slower "
                         "(it sleeps for the extra time), e.g. 1:3")
+    g.add_argument("--rma", action="store_true",
+                   help="--sync asp with plain SGD: workers pull and push with MPI one-sided "
+                        "communication (a shared lock and Get; an exclusive lock, Accumulate "
+                        "and Fetch_and_op), the servers only waiting")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="write resumable checkpoints DIR/ckpt-<step>.npz (created if missing)")
@@ -218,7 +222,7 @@ def config_from_args(ns):
         parallel=ParallelConfig(ns.dp, ns.pp, ns.tp, ns.micro_batches, ns.schedule,
                                 ns.virtual_stages, ns.partition, ns.bucket_mb, ns.threads,
                                 ns.zero, ns.allreduce, ns.timeout, ns.check_collectives,
-                                ns.sync, _servers(ns), _staleness(ns), ns.straggler),
+                                ns.sync, _servers(ns), _staleness(ns), ns.straggler, ns.rma),
         checkpoint=CheckpointConfig(ns.checkpoint_dir, ns.checkpoint_every, ns.checkpoint_keep,
                                     ns.resume),
         output=OutputConfig(ns.save, ns.metrics, ns.trace, ns.plot, ns.quiet),

@@ -109,7 +109,8 @@ def test_serial_run_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     result = main(["--batches", "8,16", "--repeats", "2", "--block-s", "0.01", "--rows", "200",
                    "--backends", "numpy,numba", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
-                   "--no-node", "--no-hosts", "--no-watchdog", "--json", str(out)])
+                   "--no-node", "--no-hosts", "--no-watchdog", "--no-consistency",
+                   "--json", str(out)])
     data = json.loads(out.read_text())
     assert set(data["samples_per_s"]) == {"8", "16"}
     assert data["samples_per_s"]["8"]["numba"] > 0
@@ -138,7 +139,7 @@ def test_targets_are_said_in_words():
 def test_unknown_backend_is_refused():
     with pytest.raises(SystemExit, match="unknown backend"):
         main(["--backends", "numpy,fortran", "--no-dp", "--no-wide", "--no-zero", "--no-sweep",
-              "--no-node", "--no-hosts", "--no-watchdog"])
+              "--no-node", "--no-hosts", "--no-watchdog", "--no-consistency"])
 
 
 def test_dp_measurement_under_mpirun():
@@ -290,3 +291,20 @@ def test_sweep_bench_reports_its_configurations(capsys, tmp_path):
     costs = [estimated_flops(t.config) for t in trials]
     assert len(trials) == 12 and max(costs) == 10 * min(costs)
     assert [c == max(costs) for c in costs] == [True, False, False, False] * 3
+
+
+def test_consistency_bench_runs_every_model(tmp_path, capsys):
+    """python -m mpnn.bench.consistency, small: 8 runs at -n 4 on digits, one epoch."""
+    from mpnn.bench import consistency
+
+    out = tmp_path / "c.json"
+    consistency.main(["--dataset", "digits", "--epochs", "1", "--plot", str(tmp_path / "c.png"),
+                      "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["runs"]) == {"none", "1:3"}
+    for runs in data["runs"].values():
+        assert set(runs) == {"bsp", "ssp S=1", "ssp S=4", "asp"}
+        assert runs["bsp"][0]["staleness_max"] == 0
+        assert all(r[0]["samples_per_s"] > 0 and len(r[0]["curve"]) == 1 for r in runs.values())
+    assert (tmp_path / "c.png").stat().st_size > 0
+    assert "straggler" in capsys.readouterr().out

@@ -113,6 +113,9 @@ def parse_args(argv=None):
     a("--no-watchdog", action="store_true",
       help="skip the watchdog's cost (--timeout 0 vs the default; python -m "
            "mpnn.bench.watchdog)")
+    a("--no-consistency", action="store_true",
+      help="skip bsp/ssp/asp through a parameter server, with and without a straggler "
+           "(python -m mpnn.bench.consistency)")
     a("--json", metavar="PATH", help="also write the figures as JSON")
     return p.parse_args(argv)
 
@@ -218,6 +221,13 @@ def main(argv=None):
         report["watchdog"]["parts"] = watchdog.parts(report["watchdog"])
         print()
         watchdog.report(report["watchdog"])
+
+    if not args.no_consistency:  # the consistency models' throughput and accuracy
+        from . import consistency
+
+        report["consistency"] = consistency.measure()
+        print()
+        consistency.report(report["consistency"])
 
     report["targets"] = out.judge_targets(report)
     out.targets_section(report["targets"])

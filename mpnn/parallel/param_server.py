@@ -102,18 +102,20 @@ class ServerShard:
         self.parts = np.zeros((w if engine.sync == "bsp" else 1, sh.real), self.flat.dtype)
         self.clocks = np.zeros(w, np.int64)  # pushes received from each worker
         self.reads = np.zeros(w, np.int64)  # the version each worker's last push read
+        self.applied = self.rma_seen = 0  # pushes applied in the epoch; --rma: versions seen
         self.version = 0
         self.request = np.zeros(REQUEST, np.int64)
         self.reply = np.zeros(REPLY, np.int64)
         self.staleness, self.gaps, self.waits, self.apply_s = [], [], 0, 0.0
 
-    def serve(self, first, n_batches, step, lr_at, progress=None):
+    def serve(self, first, n_batches, step, lr_at, progress=None, epoch=0):
         """One epoch from batch ``first`` of ``n_batches`` (the run at ``step``): returns
         when every push of the epoch is applied and (server 0) every worker was told
         the epoch is over. ``progress(1)`` after each update."""
         e, w = self.e, self.e.roles.workers
         self.version, self.epoch_step, self.first, self.n_batches = step, step, first, n_batches
         self.next_batch = first  # ssp, asp: the next batch server 0 hands out
+        self.epoch = epoch
         self.staleness, self.gaps, self.waits, self.apply_s = [], [], 0, 0.0
         expected = (n_batches - first) * (w if e.sync == "bsp" else 1)
         applied, self.told_done, self.arrived = 0, set(), set()
@@ -123,7 +125,7 @@ class ServerShard:
             with wd.watch.op("wait for a worker's pull or push", ranks=e.ranks):
                 e.world.Recv(self.request, MPI.ANY_SOURCE, TAG_REQUEST, status)
             src = status.Get_source()
-            kind, clock, read, _ = (int(v) for v in self.request)
+            kind, clock, read, self.batch = (int(v) for v in self.request)
             i = src - e.roles.servers
             if kind == PULL:
                 if not self._try(i, clock, waited=False):
@@ -137,6 +139,7 @@ class ServerShard:
             self.reads[i] = read
             applied += self._push(i, lr_at, progress)
             deferred = [(j, c) for j, c in deferred if not self._try(j, c, waited=True)]
+        self.applied = applied
         return applied
 
     def _try(self, i, clock, waited):
@@ -204,14 +207,19 @@ class ServerShard:
         t1 = time.perf_counter_ns()
         e.tracer.add("apply", t0, t1, step=self.version)
         self.apply_s += (t1 - t0) / 1e9
-        e.check_shard(self.version)
+        e.check_shard(self.version, self.epoch, self.batch + 1)
         if progress is not None:
             progress(1)
         return pushes
 
     def figures(self):
         """This epoch's server figures (for ``ParameterServerEngine.epoch_metrics``)."""
-        return {"staleness": _histogram(self.staleness), "gaps": _histogram(self.gaps),
+        e = self.e
+        if e.rma:  # the pushes the workers applied to this shard's window this epoch
+            total = e.windows[self.k].version()
+            self.applied, self.rma_seen = total - self.rma_seen, total
+        return {"applied": self.applied,
+                "staleness": _histogram(self.staleness), "gaps": _histogram(self.gaps),
                 "waits": self.waits, "apply_s": self.apply_s}
 
 
@@ -232,6 +240,7 @@ class Worker:
 
     def reset(self):
         self.pushes, self.blocked_s, self.pull_s, self.compute_s = 0, 0.0, 0.0, 0.0
+        self.staleness = []  # --rma: each push's staleness (shard 0), from Fetch_and_op
 
     def pull(self, clock, step):
         """Pull for ``clock``; returns (batch or DONE, the versions read (K,))."""
@@ -325,9 +334,48 @@ class Worker:
         self.finish_push(step + done)
         return loss_sum
 
+    def work_rma(self, data, order, bounds, step, lr_at, check, on_step=None):
+        """One epoch with one-sided pulls and pushes (asp, plain SGD): take a batch
+        ticket, pull every shard under its shared lock, compute, push every slice
+        under its exclusive lock; then the epoch's barrier. Returns the loss sum."""
+        e = self.e
+        flat, grad = e.model.flat.data, e.model.flat.grad
+        loss_sum, done = 0.0, 0
+        while True:
+            batch = e.take_ticket()
+            if batch >= len(bounds):
+                break
+            t0 = time.perf_counter_ns()
+            read = [w.pull(flat[c.lo:c.hi]) for w, c in zip(e.windows, self.cuts, strict=True)]
+            e.tracer.add("pull", t0, time.perf_counter_ns(), step=step + done + 1)
+            self.pull_s += (time.perf_counter_ns() - t0) / 1e9
+            start, stop = bounds[batch]
+            rows = order[start:stop]
+            t1 = time.perf_counter()
+            loss = e.local.train_step(data.train_features(rows), data.y_train[rows],
+                                      1.0 / (stop - start))
+            if e.straggler_factor > 1:
+                time.sleep((time.perf_counter() - t1) * (e.straggler_factor - 1))
+            self.compute_s += time.perf_counter() - t1
+            check(loss, step + done + 1, batch + 1)
+            t2 = time.perf_counter_ns()
+            lr = lr_at(e.version_base + read[0])  # the update's index: the version read
+            for j, (w, c) in enumerate(zip(e.windows, self.cuts, strict=True)):
+                stale = w.push(grad[c.lo:c.hi], lr, read[j])
+                if j == 0:
+                    self.staleness.append(stale)
+            e.tracer.add("push", t2, time.perf_counter_ns(), step=step + done + 1)
+            self.pushes += 1
+            loss_sum += loss
+            done += 1
+            if on_step is not None:
+                on_step(time.perf_counter() - t1)
+        e.epoch_barrier()
+        return loss_sum
+
     def figures(self):
         return {"pushes": self.pushes, "blocked_s": self.blocked_s, "pull_s": self.pull_s,
-                "compute_s": self.compute_s}
+                "compute_s": self.compute_s, "staleness": _histogram(self.staleness)}
 
 
 def share_of(total, part, parts):
@@ -345,9 +393,9 @@ class ParameterServerEngine:
     needs_inputs = True
 
     def __init__(self, model, loss, world, sync, servers, staleness=None, straggler=None,
-                 tracer=NULL_TRACER):
+                 tracer=NULL_TRACER, rma=False):
         self.model, self.world, self.tracer = model, world, tracer
-        self.sync = sync
+        self.sync, self.rma = sync, rma
         self.staleness = int(staleness if staleness is not None else 0)
         self.roles = Roles(world, servers)
         self.ranks = wd.group_ranks(world, "the parameter-server job")
@@ -357,6 +405,18 @@ class ParameterServerEngine:
         self.shards = Shards(numel, r.servers, r.index) if r.is_server else Shards(numel, 1, 1)
         sh = self.shards
         params = model.flat.data[sh.lo:sh.hi].copy() if r.is_server else model.flat.data[:0]
+        self.windows = self.tickets = None
+        self.version_base = 0  # --rma: the run's step when the windows' versions were 0
+        if rma:  # one window per server holds its shard; workers pull and push one-sided
+            from .ps_rma import RmaShard
+
+            cuts = [Shards(numel, r.servers, j) for j in range(r.servers)]
+            self.windows = [RmaShard(world, j, c.real, model.dtype,
+                                     model.flat.data[c.lo:c.hi] if r.rank == j else None)
+                            for j, c in enumerate(cuts)]
+            if r.is_server:
+                params = self.windows[r.index].local  # the window's memory, in place
+            self.tickets = MPI.Win.Allocate(8 if r.rank == 0 else 0, 8, comm=world)
         self.shard_flat = ShardFlat(model.layout, sh, params, np.zeros(sh.real, model.dtype))
         self.local = DataParallelEngine(model, loss, MPI.COMM_SELF, 0.0, tracer)
         self.straggler_factor = straggler[1] if straggler and straggler[0] == r.rank else 1.0
@@ -396,19 +456,23 @@ class ParameterServerEngine:
             self.worker.reset()
         k = self.roles.servers
         servers, workers = every[:k], every[k:]
-        hist = {}
-        for f in servers[:1]:  # every server applies every push: server 0 speaks for all
-            hist = f["staleness"]
+        hist = dict(servers[0]["staleness"])  # every server applies every push: 0 speaks
+        if self.rma:  # the workers measured it, each push on shard 0
+            hist = {}
+            for f in workers:
+                for v, c in f["staleness"].items():
+                    hist[v] = hist.get(v, 0) + c
         gaps = [max(f["gaps"], default=0) for f in servers]
         n = sum(hist.values())
         return {
             "sync": self.sync, "servers": k,
             "staleness_histogram": {str(s): c for s, c in sorted(hist.items())},
             "staleness_mean": sum(s * c for s, c in hist.items()) / n if n else 0.0,
-            "staleness_max": max((max(f["staleness"], default=0) for f in servers), default=0),
+            "staleness_max": max((max(f["staleness"], default=0) for f in every), default=0),
             "clock_gap_max": max(gaps, default=0),
             "clock_gap_histogram": {str(s): c for s, c in sorted(servers[0]["gaps"].items())},
             "pulls_waited": sum(f["waits"] for f in servers),
+            "pushes_applied": [f["applied"] for f in servers],  # per server
             "worker_pushes": [f["pushes"] for f in workers],
             "worker_blocked_s": [round(f["blocked_s"], 4) for f in workers],
             "worker_pull_s": [round(f["pull_s"], 4) for f in workers],
@@ -432,27 +496,60 @@ class ParameterServerEngine:
         return self.local.memory()
 
     def close(self):
-        pass
+        """Free the one-sided windows (collective)."""
+        for w in self.windows or ():
+            w.close()
+        if self.tickets is not None:
+            self.tickets.Free()
+        self.windows = self.tickets = None
+
+    # ------------------------------------------------------ one-sided (--rma)
+
+    def set_tickets(self, first):
+        """Server 0: the epoch's next batch is ``first`` (before anyone takes one)."""
+        self.tickets.Lock(0, MPI.LOCK_EXCLUSIVE)
+        np.frombuffer(self.tickets.tomemory(), np.int64, count=1)[0] = first
+        self.tickets.Unlock(0)
+
+    def take_ticket(self):
+        """A worker: the next batch of the epoch (an atomic fetch-and-add on server 0)."""
+        one, got = np.ones(1, np.int64), np.empty(1, np.int64)
+        self.tickets.Lock(0, MPI.LOCK_SHARED)
+        self.tickets.Fetch_and_op(one, got, 0, 0, op=MPI.SUM)
+        self.tickets.Unlock(0)
+        return int(got[0])
+
+    def epoch_barrier(self):
+        """Servers wait here (inside MPI, so the workers' one-sided calls progress)
+        while workers pull and push; a worker joins when the batches ran out."""
+        with wd.watch.op("epoch's barrier (one-sided pulls and pushes meanwhile)",
+                         comm=self.world, ranks=self.ranks):
+            self.world.Ibarrier().Wait()
 
     # ---------------------------------------------------------- the epochs
 
     def gather_params(self):
         """Every rank's flat parameters <- the servers' shards (collective)."""
         r, sh = self.roles, self.shards
-        cuts = [Shards(sh.numel, r.servers, j) for j in range(r.servers)]
-        counts = [c.real for c in cuts] + [0] * r.workers
-        displs = [c.lo for c in cuts] + [0] * r.workers
+        counts, displs = self.gather_layout()
         flat = self.model.flat.data
         send = self.shard_flat.data if r.is_server else flat[:0]
         with wd.watch.op("parameter gather", comm=self.world, ranks=self.ranks,
                          check=("Allgatherv", int(sh.numel), flat.dtype)):
             self.world.Allgatherv(send, [flat, counts, displs, from_numpy_dtype(flat.dtype)])
 
-    def check_shard(self, step):
+    def gather_layout(self):
+        """(counts, displacements) of a gather of the servers' shards, world rank order
+        (a worker contributes nothing)."""
+        r = self.roles
+        cuts = [Shards(self.shards.numel, r.servers, j) for j in range(r.servers)]
+        return [c.real for c in cuts] + [0] * r.workers, [c.lo for c in cuts] + [0] * r.workers
+
+    def check_shard(self, step, epoch, batch):
         """A server's non-finite guard: its shard after an update (names the layer)."""
         from ..runtime.guards import check_finite
 
-        check_finite(self.model, 0.0, step, 0, 0, self.roles.rank, None, None,
+        check_finite(self.model, 0.0, step, epoch, batch, self.roles.rank, None, None,
                      MPI.COMM_SELF, self.shard_flat)
 
 
@@ -492,9 +589,7 @@ class ShardOptimizer:
 
     def _gather(self, part):
         e, r = self.e, self.e.roles
-        cuts = [Shards(e.shards.numel, r.servers, j) for j in range(r.servers)]
-        counts = [c.real for c in cuts] + [0] * r.workers
-        displs = [c.lo for c in cuts] + [0] * r.workers
+        counts, displs = e.gather_layout()
         out = np.empty(e.shards.numel, part.dtype) if r.rank == 0 else None
         recv = [out, counts, displs, from_numpy_dtype(part.dtype)] if r.rank == 0 else None
         e.world.Gatherv(np.ascontiguousarray(part), recv, root=0)

@@ -90,6 +90,7 @@ class ParallelConfig:
     servers: int = 0  # parameter-server ranks (0: none, gradients are summed by Allreduce)
     staleness: int | None = None  # ssp: how far a worker may run ahead of the slowest
     straggler: tuple | None = None  # (world rank, factor): that worker computes slower
+    rma: bool = False  # asp with plain SGD: one-sided pulls and pushes (parallel.ps_rma)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,11 @@ def validate(config, world_size):
                         config.checkpoint.every, config.batch_size)
     except PsConfigError as e:
         raise ConfigError(str(e)) from None
+    if par.rma and not (par.servers and par.sync == "asp" and o.optimizer == "sgd"
+                        and o.momentum == 0 and o.weight_decay == 0):
+        raise ConfigError("--rma pushes p <- p - lr*g one-sided, with no server code to run an "
+                          "optimizer: it needs --sync asp --optimizer sgd --momentum 0 (and no "
+                          "--weight-decay)")
     if par.sync != "bsp" and not par.servers:
         raise ConfigError(f"--sync {par.sync} runs through parameter servers: add --servers K")
     if par.pp == 1 and not par.servers and config.batch_size < replicas:

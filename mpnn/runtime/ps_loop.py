@@ -51,6 +51,7 @@ def train(run, log, watch):
         first_epoch, first_batch, step = resume.epoch, resume.batch, resume.step
         carried_loss = resume.epoch_loss_sum if rank == 0 else 0.0
         ckpt.last_saved = resume.path
+    engine.version_base = step  # (--rma: its windows count updates from here)
     n, n_test = data.x_train.shape[0], data.x_test.shape[0]
     bounds = batch_bounds(n, config.batch_size)
     total_steps = config.epochs * len(bounds)
@@ -73,10 +74,21 @@ def train(run, log, watch):
         skip = first_batch if epoch == first_epoch else 0
         loss_sum = carried_loss if epoch == first_epoch else 0.0
         t0 = time.perf_counter()
-        if roles.is_server:
+        if engine.rma:  # one-sided: the servers wait while the workers pull and push
+            if roles.rank == 0:
+                engine.set_tickets(skip)
+            world.Barrier()  # the tickets are set before anyone takes one
+            if roles.is_server:
+                engine.epoch_barrier()
+            else:
+                order = epoch_permutation(n, config.seed, epoch)
+                loss_sum += engine.worker.work_rma(data, order, bounds, step, lr_at, check,
+                                                   watch.step_time)
+        elif roles.is_server:
             bar = _bar(rank == 0 and not out.quiet, len(bounds) - skip,
                        f"epoch {epoch}/{config.epochs}")
-            engine.server.serve(skip, len(bounds), step, lr_at, bar.update if bar else None)
+            engine.server.serve(skip, len(bounds), step, lr_at, bar.update if bar else None,
+                                epoch)
             if bar:
                 bar.close()
         else:

@@ -119,7 +119,7 @@ def make_engine(config, grid, model, stages=None, tracer=NULL_TRACER):
         from ..parallel.param_server import ParameterServerEngine
 
         return ParameterServerEngine(model, loss, grid.world, par.sync, par.servers,
-                                     par.staleness, par.straggler, tracer)
+                                     par.staleness, par.straggler, tracer, par.rma)
     if grid.pp == 1:
         return DataParallelEngine(model, loss, grid.dp_comm, par.bucket_mb, tracer, par.zero,
                                   par.allreduce)
