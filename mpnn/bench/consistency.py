@@ -10,8 +10,8 @@ each run: samples/s (the median over epochs), the test accuracy after each
 epoch against the wall time so far, the staleness the server recorded and the
 seconds the workers spent blocked. With ``--rounds R`` every configuration
 runs R times, interleaved, and the figures are the median [min, max] over
-rounds. ``--plot`` draws test accuracy against wall time, one panel per
-straggler setting.
+rounds. ``--plot`` draws test accuracy after each epoch against the training
+wall time so far (the middle round), one panel per straggler setting.
 """
 
 from __future__ import annotations
@@ -119,17 +119,17 @@ def plot(result, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, (s, modes) in zip(axes, result["runs"].items(), strict=True):
         for m, rounds in modes.items():
-            curve = rounds[len(rounds) // 2]["curve"]
-            ax.plot([0] + [c[0] for c in curve], [0.1] + [c[1] for c in curve], marker="o",
-                    label=m)
+            curve = rounds[len(rounds) // 2]["curve"]  # the middle round
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label=m)
         ax.set_title(f"straggler {s}" + (" (worker 0 three times slower)" if s != "none"
                                          else ""))
-        ax.set_xlabel("wall time, s")
+        ax.set_xlabel("training wall time, s (evaluation excluded)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy")
     axes[0].legend()
     fig.suptitle(f"{result['dataset']}, mpirun -n {result['ranks']}: 1 parameter server, "
-                 f"{result['ranks'] - 1} workers, batch 64 (one point per epoch)")
+                 f"{result['ranks'] - 1} workers, batch 64 (one point per epoch; round "
+                 f"{result['rounds'] // 2 + 1} of {result['rounds']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -76,6 +76,9 @@ def setup(config, comm):
     if par.zero and backend == "cupy":  # --backend auto found a GPU
         raise ConfigError(f"--zero {par.zero} exchanges host (NumPy) buffers and this run would "
                           f"use the GPU (cupy backend): add --backend numba")
+    if par.servers and backend == "cupy":
+        raise ConfigError("--servers exchanges host (NumPy) buffers and this run would use the "
+                          "GPU (cupy backend): add --backend numba")
     if par.allreduce == "hierarchical" and backend == "cupy":
         raise ConfigError("--allreduce hierarchical sums host (NumPy) buffers in shared memory "
                           "and this run would use the GPU (cupy backend): add --backend numba")
