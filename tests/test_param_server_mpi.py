@@ -150,7 +150,8 @@ def test_timeline_holds_pulls_pushes_and_updates():
     if comm is None:
         return
     trace = os.path.join(shared_dir(comm), "t.json")
-    run_training(BASE + ["--sync", "ssp", "--staleness", "0", "--trace", trace], comm)
+    run_training(BASE + ["--sync", "ssp", "--staleness", "0", "--straggler", "2:3", "--trace",
+                         trace], comm)
     names = {}
     if comm.Get_rank() == 0:
         with open(trace) as f:
@@ -168,7 +169,7 @@ def test_timeline_holds_pulls_pushes_and_updates():
     workers = [n for n in names.values() if "forward" in n]
     assert len(server) == 1 and len(workers) == 2, names
     assert all({"pull", "push", "backward"} <= n for n in workers), workers
-    assert any("blocked" in n for n in workers), workers  # ssp 0 holds the one ahead
+    assert any("blocked" in n for n in workers), workers  # ssp 0 holds the fast one
 
 
 SGD = ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.05"]

@@ -45,13 +45,13 @@ def _rank_pids(marker):
     return out
 
 
-def _stalled_run(tmp_path, grid, stop_rank, ranks=4):
+def _stalled_run(tmp_path, grid, stop_rank, ranks=4, every="20"):
     """Start a run, wait until it trains and has a checkpoint, SIGSTOP ``stop_rank``;
     (exit status, output, seconds from the stop to the end, checkpoint dir)."""
     ck = tmp_path / "ck"
     metrics = tmp_path / "m.jsonl"
     cmd = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "mpnn.train", *BASE, *grid,
-           "--timeout", str(TIMEOUT), "--checkpoint-dir", str(ck), "--checkpoint-every", "20",
+           "--timeout", str(TIMEOUT), "--checkpoint-dir", str(ck), "--checkpoint-every", every,
            "--metrics", str(metrics)]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
@@ -89,9 +89,14 @@ def _stalled_run(tmp_path, grid, stop_rank, ranks=4):
 @pytest.mark.parametrize("grid, stop_rank, what", [
     ([], 0, ""),  # rank 0 stopped: rank 1 reports (whatever op rank 0 left it in)
     (["--dp", "2", "--pp", "2", "--micro-batches", "2"], 1, ""),
-], ids=["data-parallel", "dp2-pp2"])
+    # parameter servers: a worker stopped under asp (the others go on until the epoch's
+    # end, then wait for it); the server stopped under bsp (every worker waits in a pull)
+    (["--sync", "asp"], 2, ""),
+    (["--servers", "1"], 0, ""),
+], ids=["data-parallel", "dp2-pp2", "asp-worker", "bsp-server"])
 def test_a_stopped_rank_ends_the_job_with_a_diagnosis(tmp_path, grid, stop_rank, what):
-    code, out, took, ck = _stalled_run(tmp_path, grid, stop_rank)
+    every = "1e" if "--sync" in grid or "--servers" in grid else "20"
+    code, out, took, ck = _stalled_run(tmp_path, grid, stop_rank, every=every)
     assert code != 0, out  # (mpirun reports the stopped rank's SIGKILL, or the abort's status)
     assert "MPI_Abort(comm=" in out and f", {wd.EXIT_TIMEOUT})" in out, out
     assert took <= BOUND, f"ended {took:.1f} s after the stop (bound {BOUND} s):\n{out}"

@@ -122,6 +122,7 @@ class ServerShard:
         deferred = []  # pulls that wait: (worker, clock)
         status = MPI.Status()
         while applied < expected or (self.k == 0 and len(self.told_done) < w) or deferred:
+            wd.watch.step = self.version  # (what the watchdog's messages name)
             with wd.watch.op("wait for a worker's pull or push", ranks=e.ranks):
                 e.world.Recv(self.request, MPI.ANY_SOURCE, TAG_REQUEST, status)
             src = status.Get_source()
@@ -231,7 +232,10 @@ class Worker:
         self.e = e = engine
         k = e.roles.servers
         self.cuts = [Shards(e.shards.numel, k, j) for j in range(k)]  # every server's slice
-        self.requests = np.zeros((k, REQUEST), np.int64)  # (K, 4): kept while sent
+        # (K, 4) each: a push's headers stay untouched until its sends complete, while
+        # the next pull's go out
+        self.pull_heads = np.zeros((k, REQUEST), np.int64)
+        self.push_heads = np.zeros((k, REQUEST), np.int64)
         self.replies = np.zeros((k, REPLY), np.int64)  # (K, 3)
         self.pending = []  # the last push's send requests
         self.receives = {}  # server -> its reply's two receive requests
@@ -266,15 +270,15 @@ class Worker:
         flat = e.model.flat.data
         self.receives[j] = [e.world.Irecv(self.replies[j], j, TAG_REPLY),
                           e.world.Irecv(flat[cut.lo:cut.hi], j, TAG_PARAMS)]
-        self.requests[j] = (PULL, clock, 0, 0)
+        self.pull_heads[j] = (PULL, clock, 0, 0)
         with wd.watch.op("pull request", peer=f"to server rank {j}"):
-            e.world.Send(self.requests[j], j, TAG_REQUEST)
+            e.world.Send(self.pull_heads[j], j, TAG_REQUEST)
         if wait:
             self._wait([j], step)
 
     def _wait(self, servers, step):
         reqs = [r for j in servers for r in self.receives[j]]
-        with wd.watch.op("parameter pull", ("of step {}", step + 1),
+        with wd.watch.op("parameter pull",
                          peer=f"from server rank{'s' if len(servers) > 1 else ''} "
                               f"{', '.join(map(str, servers))}"):
             MPI.Request.Waitall(reqs)
@@ -284,8 +288,8 @@ class Worker:
         e, grad = self.e, self.e.model.flat.grad
         self.pending = []
         for j, cut in enumerate(self.cuts):
-            self.requests[j] = (PUSH, self.clock, read[j], batch)
-            self.pending += [e.world.Isend(self.requests[j], j, TAG_REQUEST),
+            self.push_heads[j] = (PUSH, self.clock, read[j], batch)
+            self.pending += [e.world.Isend(self.push_heads[j], j, TAG_REQUEST),
                              e.world.Isend(grad[cut.lo:cut.hi], j, TAG_GRAD)]
         self.clock += 1
         self.pushes += 1
@@ -294,8 +298,7 @@ class Worker:
         """Wait for the last push's sends (before backward rewrites the gradient)."""
         if self.pending:
             t0 = time.perf_counter_ns()
-            with wd.watch.op("gradient push", ("of step {}", step),
-                             peer="to the servers"):
+            with wd.watch.op("gradient push", peer="to the servers"):
                 MPI.Request.Waitall(self.pending)
             self.e.tracer.add("push", t0, time.perf_counter_ns(), step=step)
             self.pending = []
@@ -307,6 +310,7 @@ class Worker:
         straggle = e.straggler_factor
         while True:
             s = step + done  # the step this worker computes (bsp: everyone's)
+            wd.watch.step = s + 1
             clock = s if e.sync == "bsp" else self.clock
             batch, read = self.pull(clock, s)
             self.finish_push(s)
@@ -342,6 +346,7 @@ class Worker:
         flat, grad = e.model.flat.data, e.model.flat.grad
         loss_sum, done = 0.0, 0
         while True:
+            wd.watch.step = step + done + 1
             batch = e.take_ticket()
             if batch >= len(bounds):
                 break
