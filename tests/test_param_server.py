@@ -79,14 +79,20 @@ def test_a_refused_option_ends_every_rank_with_one_message():
     assert "Traceback" not in out
 
 
-def test_a_non_finite_update_ends_the_job_with_its_message(tmp_path):
-    """An update that overflows on a server (lr 1e30) ends the job, named by layer."""
+@pytest.mark.parametrize("rma", [[], ["--rma"]], ids=["messages", "rma"])
+def test_a_non_finite_update_ends_the_job_with_its_message(tmp_path, rma):
+    """An update that overflows (lr 1e300) ends the job, named by step and layer: the
+    server that applied it, or under --rma the first rank that sees it (a worker's
+    pull, or a server's check at the epoch's end)."""
     code, out = train_cli(*BASE, "--sync", "asp", "--optimizer", "sgd", "--momentum", "0",
-                          "--lr", "1e300", "--checkpoint-dir", tmp_path / "ck", ranks=3,
+                          "--lr", "1e300", "--checkpoint-dir", tmp_path / "ck", *rma, ranks=3,
                           timeout=120)
     assert code == 1, out
-    assert "error on rank 0: NonFiniteError: non-finite parameters after the optimizer step " \
-        "at step 1 (epoch 1, batch" in out, out
+    who = "on rank " if rma else "on rank 0: "
+    assert f"error {who}" in out, out
+    what = "NonFiniteError: " if rma else \
+        "NonFiniteError: non-finite parameters after the optimizer step at step "
+    assert what in out and " at step " in out and "(epoch 1, batch" in out, out
     assert "Traceback" not in out
     assert not list((tmp_path / "ck").glob("ckpt-*.npz"))  # nothing bad was saved
 

@@ -57,14 +57,16 @@ from mpi4py.util.dtlib import from_numpy_dtype
 from ..runtime import watchdog as wd
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import DataParallelEngine
+from .ps_config import DEFAULT_STALENESS
 from .zero import ShardFlat
 from .zero_comm import Shards
 
 PULL, PUSH = 0, 1
 DONE = -1  # the batch of a pull's reply when the epoch has none left
 TAG_REQUEST, TAG_GRAD, TAG_REPLY, TAG_PARAMS = 41, 42, 43, 44
-# a request: (kind, clock, read version, batch); a reply: (version, batch, waited)
-REQUEST, REPLY = 4, 3
+# a request: (kind, clock, read version, batch, shard 0's version read); a reply:
+# (version, batch, waited)
+REQUEST, REPLY = 5, 3
 
 
 class Roles:
@@ -126,7 +128,7 @@ class ServerShard:
             with wd.watch.op("wait for a worker's pull or push", ranks=e.ranks):
                 e.world.Recv(self.request, MPI.ANY_SOURCE, TAG_REQUEST, status)
             src = status.Get_source()
-            kind, clock, read, self.batch = (int(v) for v in self.request)
+            kind, clock, read, self.batch, read0 = (int(v) for v in self.request)
             i = src - e.roles.servers
             if kind == PULL:
                 if not self._try(i, clock, waited=False):
@@ -138,7 +140,7 @@ class ServerShard:
                 e.world.Recv(part, src, TAG_GRAD)
             self.clocks[i] += 1
             self.reads[i] = read
-            applied += self._push(i, lr_at, progress)
+            applied += self._push(i, lr_at, progress, read0)
             deferred = [(j, c) for j, c in deferred if not self._try(j, c, waited=True)]
         self.applied = applied
         return applied
@@ -183,9 +185,11 @@ class ServerShard:
             e.world.Send(self.reply, dest, TAG_REPLY)
             e.world.Send(self.flat.data, dest, TAG_PARAMS)
 
-    def _push(self, i, lr_at, progress):
+    def _push(self, i, lr_at, progress, read0):
         """Worker i's gradient is in: apply it (ssp, asp) or, once the step's W are in,
-        their sum in worker order (bsp). Returns the pushes this applied."""
+        their sum in worker order (bsp). Returns the pushes this applied. The update's
+        learning rate: at the step the gradient was computed from (the version of shard
+        0 it read; bsp: this step), the same on every shard."""
         e = self.e
         grad = self.flat.grad
         if e.sync == "bsp":
@@ -203,7 +207,7 @@ class ServerShard:
             self.staleness.append(self.version - int(self.reads[i]))
             pushes = 1
         t0 = time.perf_counter_ns()
-        self.opt.step(lr_at(self.version))
+        self.opt.step(lr_at(self.version if e.sync == "bsp" else read0))
         self.version += 1
         t1 = time.perf_counter_ns()
         e.tracer.add("apply", t0, t1, step=self.version)
@@ -232,7 +236,7 @@ class Worker:
         self.e = e = engine
         k = e.roles.servers
         self.cuts = [Shards(e.shards.numel, k, j) for j in range(k)]  # every server's slice
-        # (K, 4) each: a push's headers stay untouched until its sends complete, while
+        # (K, 5) each: a push's headers stay untouched until its sends complete, while
         # the next pull's go out
         self.pull_heads = np.zeros((k, REQUEST), np.int64)
         self.push_heads = np.zeros((k, REQUEST), np.int64)
@@ -270,7 +274,7 @@ class Worker:
         flat = e.model.flat.data
         self.receives[j] = [e.world.Irecv(self.replies[j], j, TAG_REPLY),
                           e.world.Irecv(flat[cut.lo:cut.hi], j, TAG_PARAMS)]
-        self.pull_heads[j] = (PULL, clock, 0, 0)
+        self.pull_heads[j] = (PULL, clock, 0, 0, 0)
         with wd.watch.op("pull request", peer=f"to server rank {j}"):
             e.world.Send(self.pull_heads[j], j, TAG_REQUEST)
         if wait:
@@ -288,7 +292,7 @@ class Worker:
         e, grad = self.e, self.e.model.flat.grad
         self.pending = []
         for j, cut in enumerate(self.cuts):
-            self.push_heads[j] = (PUSH, self.clock, read[j], batch)
+            self.push_heads[j] = (PUSH, self.clock, read[j], batch, read[0])
             self.pending += [e.world.Isend(self.push_heads[j], j, TAG_REQUEST),
                              e.world.Isend(grad[cut.lo:cut.hi], j, TAG_GRAD)]
         self.clock += 1
@@ -401,7 +405,7 @@ class ParameterServerEngine:
                  tracer=NULL_TRACER, rma=False):
         self.model, self.world, self.tracer = model, world, tracer
         self.sync, self.rma = sync, rma
-        self.staleness = int(staleness if staleness is not None else 0)
+        self.staleness = int(staleness if staleness is not None else DEFAULT_STALENESS)
         self.roles = Roles(world, servers)
         self.ranks = wd.group_ranks(world, "the parameter-server job")
         r = self.roles
@@ -473,7 +477,7 @@ class ParameterServerEngine:
             "sync": self.sync, "servers": k,
             "staleness_histogram": {str(s): c for s, c in sorted(hist.items())},
             "staleness_mean": sum(s * c for s, c in hist.items()) / n if n else 0.0,
-            "staleness_max": max((max(f["staleness"], default=0) for f in every), default=0),
+            "staleness_max": max(hist, default=0),
             "clock_gap_max": max(gaps, default=0),
             "clock_gap_histogram": {str(s): c for s, c in sorted(servers[0]["gaps"].items())},
             "pulls_waited": sum(f["waits"] for f in servers),
@@ -527,9 +531,19 @@ class ParameterServerEngine:
     def epoch_barrier(self):
         """Servers wait here (inside MPI, so the workers' one-sided calls progress)
         while workers pull and push; a worker joins when the batches ran out."""
+        # (a server's wait is the whole epoch: the workers' own waits here watch for a
+        # rank that stopped; limit 0, none of its own)
         with wd.watch.op("epoch's barrier (one-sided pulls and pushes meanwhile)",
-                         comm=self.world, ranks=self.ranks):
+                         comm=self.world, ranks=self.ranks,
+                         limit=0 if self.roles.is_server else None):
             self.world.Ibarrier().Wait()
+
+    def settle(self, step, epoch, batches):
+        """--rma, a server after the epoch's barrier: its window's memory as the last
+        Accumulate left it (a lock epoch on itself), checked for NaN/inf before the
+        gather and any checkpoint (the workers applied the updates; no server saw them)."""
+        self.windows[self.roles.index].version()
+        self.check_shard(step, epoch, batches)
 
     # ---------------------------------------------------------- the epochs
 

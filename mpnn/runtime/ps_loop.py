@@ -22,6 +22,7 @@ import numpy as np
 from ..data.batching import batch_bounds, epoch_permutation, share_bounds
 from ..nn.optim import learning_rate, make_optimizer
 from ..parallel.param_server import ShardOptimizer
+from . import watchdog as wd
 from .checkpoint import Checkpointer
 from .files import keep_metrics
 from .guards import check_finite, check_replicas_agree
@@ -63,6 +64,13 @@ def train(run, log, watch):
         check_finite(model, loss, s, epoch, batch, rank, ckpt.last_saved,
                      engine.activations)
 
+    # the waits on a checkpoint and an evaluation: the timeout and the time to write the
+    # whole model and optimizer state, or to run the forward passes (as runtime.loop)
+    ckpt_bytes = model.layout.numel * model.dtype.itemsize * (1 + len(opt.state()))
+
+    def ckpt_limit():
+        return watch.timeout() + ckpt_bytes / wd.WRITE_BYTES_S if watch.enabled else None
+
     t_lo, t_hi = share_bounds(n_test, rank, world.Get_size())  # every rank evaluates
     y_test = np.array(data.y_test[t_lo:t_hi])
     if out.metrics and rank == 0:
@@ -80,6 +88,7 @@ def train(run, log, watch):
             world.Barrier()  # the tickets are set before anyone takes one
             if roles.is_server:
                 engine.epoch_barrier()
+                engine.settle(step + len(bounds) - skip, epoch, len(bounds))
             else:
                 order = epoch_permutation(n, config.seed, epoch)
                 loss_sum += engine.worker.work_rma(data, order, bounds, step, lr_at, check,
@@ -99,7 +108,10 @@ def train(run, log, watch):
         epoch_time = time.perf_counter() - t0
         trained = n - bounds[skip][0] if skip < len(bounds) else 0
         engine.gather_params()  # every rank: the servers' model after the epoch
-        with tracer.span("evaluate"), watch.op("evaluation", ("epoch {}", epoch)):
+        eval_limit = watch.timeout() + n_test / config.batch_size * (watch.slowest_step or 0) \
+            if watch.enabled else None
+        with tracer.span("evaluate"), \
+                watch.op("evaluation", ("epoch {}", epoch), limit=eval_limit):
             test_loss, correct = engine.evaluate(data.test_features(t_lo, t_hi), y_test)
         totals = sum_over(world, [loss_sum, test_loss, correct])
         record = {"epoch": epoch, "train_loss": totals[0] / n, "test_loss": totals[1] / n_test,
@@ -114,13 +126,14 @@ def train(run, log, watch):
             if not out.quiet:
                 _log_consistency(record, log)
         if ckpt.due_after_epoch(epoch) or (ckpt.enabled and epoch == config.epochs):
-            with tracer.span("checkpoint", step=step), watch.op("checkpoint"):
+            with tracer.span("checkpoint", step=step), \
+                    watch.op("checkpoint", limit=ckpt_limit()):
                 path = ckpt.save(model, opt, step, epoch + 1, 0, 0.0)
                 if watch.enabled:
                     world.Barrier()  # the others wait for server 0's write here
             if path and not out.quiet:
                 log(f"checkpoint {path}")
-    _finish(run, history, log, watch, label=roles.label)
+    _finish(run, history, log, watch, ckpt_limit(), label=roles.label)
     return history
 
 
