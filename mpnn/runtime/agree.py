@@ -19,6 +19,7 @@ import sys
 import time
 
 ABORT_GRACE_S = 0.2  # seconds between the last error line and MPI_Abort
+INTERRUPT_GRACE_S = 1.0  # after Ctrl-C, another rank's wait for rank 0 to end the job
 
 
 def gather_outcome(comm, step, deferred=()):
@@ -126,10 +127,16 @@ def say(line):
 
 
 def interrupted(comm, prog="mpnn.train"):
-    """After Ctrl-C (mpirun passes it to every rank): say so and end every rank, 130."""
+    """After Ctrl-C (mpirun passes it to every rank): say so and end every rank, 130.
+
+    Rank 0 ends the job at once; another rank first gives rank 0 ``INTERRUPT_GRACE_S``
+    to finish what it was doing (remove a partial download) and end the job itself,
+    and ends it only if rank 0 has not (it may sit in an MPI wait, deaf to signals)."""
     say(f"{prog}: interrupted on rank {comm.Get_rank()}; ending the job (checkpoints "
         f"already written stay)")
     if comm.Get_size() > 1:
+        if comm.Get_rank() != 0:
+            time.sleep(INTERRUPT_GRACE_S)
         abort(comm, 130)  # a rank waiting in a collective would never hear of it
     return 130
 
