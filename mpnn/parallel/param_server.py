@@ -41,7 +41,7 @@ allows it: the bound holds on every shard).
     ServerShard       one server: its shard, optimizer, versions and clocks; ``serve``
     Worker            one worker's pulls, pushes and epoch of batches; ``work``
     ParameterServerEngine  the Engine of both roles (``parallel.engine``)
-    ShardOptimizer    what the checkpointer and resume see of the sharded optimizer
+    ServerOptimizer   what the checkpointer and resume see of the sharded optimizer
 
 See docs/parallelism.md#13-consistency-models-parameter-servers.
 """
@@ -54,11 +54,12 @@ import numpy as np
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
+from ..data.batching import share_bounds
 from ..runtime import watchdog as wd
 from ..runtime.trace import NULL_TRACER
 from .data_parallel import DataParallelEngine
 from .ps_config import DEFAULT_STALENESS
-from .zero import ShardFlat
+from .zero import ShardFlat, ShardOptimizer
 from .zero_comm import Shards
 
 PULL, PUSH = 0, 1
@@ -100,8 +101,9 @@ class ServerShard:
         self.k, sh = engine.roles.index, engine.shards
         self.flat = engine.shard_flat
         w = engine.roles.workers
-        # bsp: each worker's gradient kept apart, summed in worker order (reproducible)
-        self.parts = np.zeros((w if engine.sync == "bsp" else 1, sh.real), self.flat.dtype)
+        # bsp: each worker's gradient kept apart, summed in worker order (reproducible);
+        # ssp, asp receive a push straight into the shard's gradient
+        self.parts = np.zeros((w if engine.sync == "bsp" else 0, sh.real), self.flat.dtype)
         self.clocks = np.zeros(w, np.int64)  # pushes received from each worker
         self.reads = np.zeros(w, np.int64)  # the version each worker's last push read
         self.applied = self.rma_seen = 0  # pushes applied in the epoch; --rma: versions seen
@@ -135,7 +137,7 @@ class ServerShard:
                     deferred.append((i, clock))
                     self.waits += 1
                 continue
-            part = self.parts[i if e.sync == "bsp" else 0]
+            part = self.parts[i] if e.sync == "bsp" else self.flat.grad
             with wd.watch.op("gradient push", peer=f"from world rank {src}", nbytes=part.nbytes):
                 e.world.Recv(part, src, TAG_GRAD)
             self.clocks[i] += 1
@@ -202,8 +204,7 @@ class ServerShard:
             self.staleness.extend(self.version - int(r) for r in self.reads)
             self.arrived = set()
             pushes = e.roles.workers
-        else:
-            grad[...] = self.parts[0]
+        else:  # (received into it)
             self.staleness.append(self.version - int(self.reads[i]))
             pushes = 1
         t0 = time.perf_counter_ns()
@@ -221,7 +222,7 @@ class ServerShard:
         """This epoch's server figures (for ``ParameterServerEngine.epoch_metrics``)."""
         e = self.e
         if e.rma:  # the pushes the workers applied to this shard's window this epoch
-            total = e.windows[self.k].version()
+            total = e.onesided.version(self.k)
             self.applied, self.rma_seen = total - self.rma_seen, total
         return {"applied": self.applied,
                 "staleness": _histogram(self.staleness), "gaps": _histogram(self.gaps),
@@ -311,7 +312,6 @@ class Worker:
         """One epoch's batches from ``first``: returns this worker's loss sum."""
         e = self.e
         loss_sum, done = 0.0, 0
-        straggle = e.straggler_factor
         while True:
             s = step + done  # the step this worker computes (bsp: everyone's)
             wd.watch.step = s + 1
@@ -322,75 +322,64 @@ class Worker:
                 break
             start, stop = bounds[batch]
             if e.sync == "bsp":  # this worker's share of the global batch
-                lo, hi = share_of(stop - start, e.roles.index, e.roles.workers)
+                lo, hi = share_bounds(stop - start, e.roles.index, e.roles.workers)
                 rows = order[start + lo:start + hi]
             else:
                 rows = order[start:stop]
-            t0 = time.perf_counter()
-            x = data.train_features(rows)  # (b, I)
-            loss = e.local.train_step(x, data.y_train[rows], 1.0 / (stop - start))
-            spent = time.perf_counter() - t0
-            if straggle > 1:  # the experiment's slow worker: its compute takes FACTOR times
-                time.sleep(spent * (straggle - 1))
-            self.compute_s += time.perf_counter() - t0
+            loss = self._compute(data, rows, stop - start, on_step)
             check(loss, s + 1, batch + 1)
             self.push(read, batch, s + 1)
             loss_sum += loss
             done += 1
-            if on_step is not None:
-                on_step(time.perf_counter() - t0)
         self.finish_push(step + done)
         return loss_sum
+
+    def _compute(self, data, rows, global_batch, on_step):
+        """Forward and backward over ``rows`` (the gradient of their share of a global
+        batch's mean); the straggler's compute then takes FACTOR times as long."""
+        t0 = time.perf_counter()
+        loss = self.e.local.train_step(data.train_features(rows), data.y_train[rows],
+                                       1.0 / global_batch)  # features (b, I)
+        if self.e.straggler_factor > 1:  # the experiment's slow worker
+            time.sleep((time.perf_counter() - t0) * (self.e.straggler_factor - 1))
+        spent = time.perf_counter() - t0
+        self.compute_s += spent
+        if on_step is not None:
+            on_step(spent)
+        return loss
 
     def work_rma(self, data, order, bounds, step, lr_at, check, on_step=None):
         """One epoch with one-sided pulls and pushes (asp, plain SGD): take a batch
         ticket, pull every shard under its shared lock, compute, push every slice
         under its exclusive lock; then the epoch's barrier. Returns the loss sum."""
-        e = self.e
-        flat, grad = e.model.flat.data, e.model.flat.grad
+        e, one = self.e, self.e.onesided
         loss_sum, done = 0.0, 0
         while True:
             wd.watch.step = step + done + 1
-            batch = e.take_ticket()
+            batch = one.take_ticket()
             if batch >= len(bounds):
                 break
             t0 = time.perf_counter_ns()
-            read = [w.pull(flat[c.lo:c.hi]) for w, c in zip(e.windows, self.cuts, strict=True)]
+            read = one.pull(e.model.flat.data)
             e.tracer.add("pull", t0, time.perf_counter_ns(), step=step + done + 1)
             self.pull_s += (time.perf_counter_ns() - t0) / 1e9
             start, stop = bounds[batch]
-            rows = order[start:stop]
-            t1 = time.perf_counter()
-            loss = e.local.train_step(data.train_features(rows), data.y_train[rows],
-                                      1.0 / (stop - start))
-            if e.straggler_factor > 1:
-                time.sleep((time.perf_counter() - t1) * (e.straggler_factor - 1))
-            self.compute_s += time.perf_counter() - t1
+            loss = self._compute(data, order[start:stop], stop - start, on_step)
             check(loss, step + done + 1, batch + 1)
-            t2 = time.perf_counter_ns()
-            lr = lr_at(e.version_base + read[0])  # the update's index: the version read
-            for j, (w, c) in enumerate(zip(e.windows, self.cuts, strict=True)):
-                stale = w.push(grad[c.lo:c.hi], lr, read[j])
-                if j == 0:
-                    self.staleness.append(stale)
-            e.tracer.add("push", t2, time.perf_counter_ns(), step=step + done + 1)
+            t1 = time.perf_counter_ns()
+            # the update's index: the version of shard 0 its gradient was computed from
+            self.staleness.append(one.push(e.model.flat.grad, lr_at(e.version_base + read[0]),
+                                           read))
+            e.tracer.add("push", t1, time.perf_counter_ns(), step=step + done + 1)
             self.pushes += 1
             loss_sum += loss
             done += 1
-            if on_step is not None:
-                on_step(time.perf_counter() - t1)
         e.epoch_barrier()
         return loss_sum
 
     def figures(self):
         return {"pushes": self.pushes, "blocked_s": self.blocked_s, "pull_s": self.pull_s,
                 "compute_s": self.compute_s, "staleness": _histogram(self.staleness)}
-
-
-def share_of(total, part, parts):
-    from ..data.batching import share_bounds
-
-    return share_bounds(total, part, parts)
 
 
 class ParameterServerEngine:
@@ -404,7 +393,7 @@ class ParameterServerEngine:
     def __init__(self, model, loss, world, sync, servers, staleness=None, straggler=None,
                  tracer=NULL_TRACER, rma=False):
         self.model, self.world, self.tracer = model, world, tracer
-        self.sync, self.rma = sync, rma
+        self.sync = sync
         self.staleness = int(staleness if staleness is not None else DEFAULT_STALENESS)
         self.roles = Roles(world, servers)
         self.ranks = wd.group_ranks(world, "the parameter-server job")
@@ -414,24 +403,25 @@ class ParameterServerEngine:
         self.shards = Shards(numel, r.servers, r.index) if r.is_server else Shards(numel, 1, 1)
         sh = self.shards
         params = model.flat.data[sh.lo:sh.hi].copy() if r.is_server else model.flat.data[:0]
-        self.windows = self.tickets = None
+        self.onesided = None
         self.version_base = 0  # --rma: the run's step when the windows' versions were 0
         if rma:  # one window per server holds its shard; workers pull and push one-sided
-            from .ps_rma import RmaShard
+            from .ps_rma import OneSided
 
-            cuts = [Shards(numel, r.servers, j) for j in range(r.servers)]
-            self.windows = [RmaShard(world, j, c.real, model.dtype,
-                                     model.flat.data[c.lo:c.hi] if r.rank == j else None)
-                            for j, c in enumerate(cuts)]
+            self.onesided = OneSided(world, [Shards(numel, r.servers, j)
+                                             for j in range(r.servers)], model.flat.data)
             if r.is_server:
-                params = self.windows[r.index].local  # the window's memory, in place
-            self.tickets = MPI.Win.Allocate(8 if r.rank == 0 else 0, 8, comm=world)
+                params = self.onesided.local  # the window's memory, in place
         self.shard_flat = ShardFlat(model.layout, sh, params, np.zeros(sh.real, model.dtype))
         self.local = DataParallelEngine(model, loss, MPI.COMM_SELF, 0.0, tracer)
         self.straggler_factor = straggler[1] if straggler and straggler[0] == r.rank else 1.0
         self.server = self.worker = None
         if not r.is_server:
             self.worker = Worker(self)
+
+    @property
+    def rma(self):
+        return self.onesided is not None
 
     def attach(self, optimizer):
         """The run's optimizer over ``shard_flat`` (built by the loop): a server's."""
@@ -506,27 +496,11 @@ class ParameterServerEngine:
 
     def close(self):
         """Free the one-sided windows (collective)."""
-        for w in self.windows or ():
-            w.close()
-        if self.tickets is not None:
-            self.tickets.Free()
-        self.windows = self.tickets = None
+        if self.onesided is not None:
+            self.onesided.close()
+        self.onesided = None
 
     # ------------------------------------------------------ one-sided (--rma)
-
-    def set_tickets(self, first):
-        """Server 0: the epoch's next batch is ``first`` (before anyone takes one)."""
-        self.tickets.Lock(0, MPI.LOCK_EXCLUSIVE)
-        np.frombuffer(self.tickets.tomemory(), np.int64, count=1)[0] = first
-        self.tickets.Unlock(0)
-
-    def take_ticket(self):
-        """A worker: the next batch of the epoch (an atomic fetch-and-add on server 0)."""
-        one, got = np.ones(1, np.int64), np.empty(1, np.int64)
-        self.tickets.Lock(0, MPI.LOCK_SHARED)
-        self.tickets.Fetch_and_op(one, got, 0, 0, op=MPI.SUM)
-        self.tickets.Unlock(0)
-        return int(got[0])
 
     def epoch_barrier(self):
         """Servers wait here (inside MPI, so the workers' one-sided calls progress)
@@ -542,7 +516,7 @@ class ParameterServerEngine:
         """--rma, a server after the epoch's barrier: its window's memory as the last
         Accumulate left it (a lock epoch on itself), checked for NaN/inf before the
         gather and any checkpoint (the workers applied the updates; no server saw them)."""
-        self.windows[self.roles.index].version()
+        self.onesided.version(self.roles.index)
         self.check_shard(step, epoch, batches)
 
     # ---------------------------------------------------------- the epochs
@@ -572,32 +546,15 @@ class ParameterServerEngine:
                      MPI.COMM_SELF, self.shard_flat)
 
 
-class ShardOptimizer:
-    """The run's optimizer as the checkpointer and resume see it: a server steps its
-    shard; ``stage_arrays`` gathers the whole parameters and state to world rank 0
-    (a server) and ``load_state`` takes this rank's slice of a whole array. A worker
-    holds an empty shard, so every rank has the same state names."""
+class ServerOptimizer(ShardOptimizer):
+    """The run's optimizer as the checkpointer and resume see it (``zero.ShardOptimizer``):
+    a server steps its shard; ``stage_arrays`` gathers the whole parameters and state
+    to world rank 0 (a server). A worker holds an empty shard, so every rank has the
+    same state names."""
 
     def __init__(self, engine, inner):
-        self.e, self.inner = engine, inner
-
-    @property
-    def t(self):
-        return self.inner.t
-
-    @t.setter
-    def t(self, value):
-        self.inner.t = int(value)
-
-    def step(self, lr=None):
-        self.inner.step(lr)
-
-    def state(self):
-        return self.inner.state()
-
-    def load_state(self, name, local):
-        sh = self.e.shards  # (a worker's: empty)
-        self.inner.state()[name][...] = local[sh.lo:sh.hi]
+        super().__init__(engine.shards, inner)
+        self.e = engine
 
     def stage_arrays(self):
         e = self.e

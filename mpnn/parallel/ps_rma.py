@@ -10,6 +10,9 @@ Shape legend: n parameters on the owner rank; every other rank holds none.
     push_unlocked(grad, lr)       the same read-modify-write done naively: it
                                   loses updates when pushes overlap (the lesson)
 
+    OneSided                      the parameter servers' shards as windows, and the
+                                  epoch's batch tickets: ``--rma``'s transport
+
 **Progress** (MPICH 5.0.2 from PyPI, ch4, 2 ranks on one 2-core node, n = 1000
 float64). Passive target is not passive here: every Lock, Get and Unlock needs
 the *owner* to be inside MPI. Measured under ``mpirun -n 2``: the owner spends
@@ -63,6 +66,7 @@ class RmaShard:
         nbytes = self._vdisp + 8 if self.is_owner else 0
         self._win = MPI.Win.Allocate(nbytes, 1, comm=comm)  # disp_unit 1: byte offsets
         self._params = self._version = None
+        self._step = np.empty(self.n, self.dtype)  # a push's −lr·g, alive until its Unlock
         if self.is_owner:
             mem = self._win.tomemory()
             self._params = np.frombuffer(mem, self.dtype, count=self.n)  # (n,)
@@ -104,7 +108,7 @@ class RmaShard:
         Accumulate is atomic per element on its own, but the exclusive lock makes the
         whole vector and the version one unit: a pull sees all of an update or none."""
         self._check(grad, "grad")
-        step = (-lr * grad).astype(self.dtype, copy=False)  # (n,) kept alive until Unlock
+        step = np.multiply(grad, -lr, out=self._step)  # (n,)
         one, before = np.ones(1, np.int64), np.empty(1, np.int64)
         self._win.Lock(self.owner, MPI.LOCK_EXCLUSIVE)
         self._win.Accumulate(step, self.owner, target=(0, self.n, self._mpi_type), op=MPI.SUM)
@@ -147,3 +151,54 @@ class RmaShard:
             self._params = self._version = None  # no view may outlive the memory
             self._win.Free()
             self._win = None
+
+
+class OneSided:
+    """``--rma``'s transport: server j's shard (``cuts[j]``, a ``zero_comm.Shards``) in an
+    ``RmaShard`` owned by world rank j, filled from ``flat`` (the whole initial
+    parameters, every rank's), and a ticket counter on rank 0 that hands out the
+    epoch's batches. Collective over ``world`` to build and to close."""
+
+    def __init__(self, world, cuts, flat):
+        rank = world.Get_rank()
+        self.cuts = cuts
+        self.shards = [RmaShard(world, j, c.real, flat.dtype,
+                                flat[c.lo:c.hi] if rank == j else None)
+                       for j, c in enumerate(cuts)]
+        self.local = self.shards[rank].local if rank < len(cuts) else None  # a server's
+        self.tickets = MPI.Win.Allocate(8 if rank == 0 else 0, 8, comm=world)
+        self._one, self._got = np.ones(1, np.int64), np.empty(1, np.int64)
+
+    def set_tickets(self, first):
+        """Rank 0: the epoch's next batch is ``first`` (before anyone takes one)."""
+        self.tickets.Lock(0, MPI.LOCK_EXCLUSIVE)
+        np.frombuffer(self.tickets.tomemory(), np.int64, count=1)[0] = first
+        self.tickets.Unlock(0)
+
+    def take_ticket(self):
+        """The next batch of the epoch (an atomic fetch-and-add on rank 0)."""
+        self.tickets.Lock(0, MPI.LOCK_SHARED)
+        self.tickets.Fetch_and_op(self._one, self._got, 0, 0, op=MPI.SUM)
+        self.tickets.Unlock(0)
+        return int(self._got[0])
+
+    def pull(self, flat):
+        """Every shard into its slice of ``flat`` (the whole buffer); the versions read."""
+        return [s.pull(flat[c.lo:c.hi]) for s, c in zip(self.shards, self.cuts, strict=True)]
+
+    def push(self, grad, lr, read):
+        """Every slice of ``grad`` to its shard; the staleness on shard 0."""
+        stale = [s.push(grad[c.lo:c.hi], lr, v)
+                 for s, c, v in zip(self.shards, self.cuts, read, strict=True)]
+        return stale[0]
+
+    def version(self, j):
+        """Shard j's updates so far (a lock epoch on it)."""
+        return self.shards[j].version()
+
+    def close(self):
+        for s in self.shards:
+            s.close()
+        if self.tickets is not None:
+            self.tickets.Free()
+            self.tickets = None

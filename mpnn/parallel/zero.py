@@ -261,13 +261,14 @@ class Zero:
                 + (f" ({sh.padding} of padding on the last)" if sh.padding else ""))
 
 
-class ZeroOptimizer:
-    """An ``nn.optim`` optimizer over this rank's shard (``Zero.shard_flat``), then
-    ``Zero.after_step``. Its state has the shard's real length; ``state`` names
-    this rank's slices, ``stage_arrays`` the whole stage's (gathered to rank 0)."""
+class ShardOptimizer:
+    """An ``nn.optim`` optimizer over one rank's shard of the flat buffer (``shards``,
+    a ``zero_comm.Shards``), as the checkpointer and resume see it: ``t`` and
+    ``state`` are the inner optimizer's, ``load_state`` takes this rank's slice of a
+    whole (Ψ,) array. ``stage_arrays`` (the whole arrays, gathered) is the sharding's."""
 
-    def __init__(self, zero, inner):
-        self.zero, self.inner = zero, inner
+    def __init__(self, shards, inner):
+        self.shards, self.inner = shards, inner
 
     @property
     def t(self):
@@ -279,15 +280,28 @@ class ZeroOptimizer:
 
     def step(self, lr=None):
         self.inner.step(lr)
-        self.zero.after_step()
 
     def state(self):
         return self.inner.state()
 
     def load_state(self, name, local):
-        """Take this rank's slice of the stage's whole (Ψ,) state array ``local``."""
-        sh = self.zero.shards
+        """Take this rank's slice of the whole (Ψ,) state array ``local``."""
+        sh = self.shards
         self.inner.state()[name][...] = local[sh.lo:sh.hi]
+
+
+class ZeroOptimizer(ShardOptimizer):
+    """An ``nn.optim`` optimizer over this rank's shard (``Zero.shard_flat``), then
+    ``Zero.after_step``. Its state has the shard's real length; ``state`` names
+    this rank's slices, ``stage_arrays`` the whole stage's (gathered to rank 0)."""
+
+    def __init__(self, zero, inner):
+        super().__init__(zero.shards, inner)
+        self.zero = zero
+
+    def step(self, lr=None):
+        self.inner.step(lr)
+        self.zero.after_step()
 
     def stage_arrays(self):
         """"params" and every state array of the whole stage on rank 0 of the

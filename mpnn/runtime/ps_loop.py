@@ -21,7 +21,7 @@ import numpy as np
 
 from ..data.batching import batch_bounds, epoch_permutation, share_bounds
 from ..nn.optim import learning_rate, make_optimizer
-from ..parallel.param_server import ShardOptimizer
+from ..parallel.param_server import ServerOptimizer
 from . import watchdog as wd
 from .checkpoint import Checkpointer
 from .files import keep_metrics
@@ -37,7 +37,7 @@ def train(run, log, watch):
                                                  run.engine, run.tracer)
     o, out = config.optim, config.output
     world, rank, roles = grid.world, grid.world.Get_rank(), engine.roles
-    opt = ShardOptimizer(engine, make_optimizer(o.optimizer, engine.shard_flat, model.ops,
+    opt = ServerOptimizer(engine, make_optimizer(o.optimizer, engine.shard_flat, model.ops,
                                                 o.base_lr, o.momentum, o.nesterov,
                                                 o.weight_decay))
     engine.attach(opt)
@@ -84,7 +84,7 @@ def train(run, log, watch):
         t0 = time.perf_counter()
         if engine.rma:  # one-sided: the servers wait while the workers pull and push
             if roles.rank == 0:
-                engine.set_tickets(skip)
+                engine.onesided.set_tickets(skip)
             world.Barrier()  # the tickets are set before anyone takes one
             if roles.is_server:
                 engine.epoch_barrier()
